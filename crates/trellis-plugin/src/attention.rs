@@ -1,0 +1,124 @@
+//! The attention-backend extension point (vLLM's `AttentionBackend` / `AttentionImpl`).
+//!
+//! A backend owns the layout of the paged KV cache. Per layer, the model hands the step's
+//! new queries, keys and values for the whole flattened batch to [`AttentionImpl::forward`];
+//! the implementation first writes every new key and value into its slot
+//! ([`AttentionMetadata::slot_mapping`]), then computes causal attention of every new token over
+//! its own sequence's blocks. Writing all slots before attending is part of the contract: two
+//! sequences of the same step may share prefix blocks.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// One sequence's part of the flattened batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqAttentionMetadata {
+    /// Offset of the sequence's first new token in the flattened batch.
+    pub query_start: usize,
+    /// New tokens of this sequence in this step.
+    pub query_len: usize,
+    /// Tokens in the cache once this step's keys are written (`computed + query_len`). The
+    /// new tokens sit at positions `context_len - query_len .. context_len`.
+    pub context_len: usize,
+    /// The sequence's block table (block ids in position order).
+    pub block_table: Vec<u32>,
+}
+
+/// What a backend needs to run one step, for every layer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AttentionMetadata {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Cache slot of every new token (`block * block_size + offset`), in batch order.
+    pub slot_mapping: Vec<usize>,
+    /// The sequences, in batch order.
+    pub seqs: Vec<SeqAttentionMetadata>,
+}
+
+impl AttentionMetadata {
+    /// Total new tokens in the batch.
+    pub fn num_tokens(&self) -> usize {
+        self.slot_mapping.len()
+    }
+}
+
+/// The shape of one layer's KV cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvCacheSpec {
+    /// Blocks in the cache.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Key/value heads (GQA: fewer than query heads).
+    pub num_kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// Element type of the cache.
+    pub dtype: DType,
+}
+
+impl KvCacheSpec {
+    /// Bytes one layer's K and V caches take.
+    pub fn bytes_per_layer(&self) -> usize {
+        2 * self.num_blocks
+            * self.block_size
+            * self.num_kv_heads
+            * self.head_dim
+            * self.dtype.size_in_bytes()
+    }
+}
+
+/// The shape of the attention a layer computes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads; `num_heads` is a multiple of it.
+    pub num_kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// Multiplier of `q·k` before the softmax (usually `1/sqrt(head_dim)`).
+    pub scale: f32,
+}
+
+/// One layer's attention together with its share of the paged KV cache.
+pub trait AttentionImpl: Send {
+    /// Writes `key`/`value` (`[num_tokens, num_kv_heads, head_dim]`) into their slots, then
+    /// returns the attention output `[num_tokens, num_heads, head_dim]` for `query`
+    /// (`[num_tokens, num_heads, head_dim]`), causal within each sequence.
+    fn forward(
+        &mut self,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        metadata: &AttentionMetadata,
+    ) -> Result<Tensor>;
+}
+
+/// An attention backend: a name, what it supports, and a factory of per-layer implementations.
+pub trait AttentionBackend: Send + Sync {
+    /// The registry name, for example `CPU_REFERENCE`.
+    fn name(&self) -> &str;
+
+    /// Head sizes this backend computes; empty means any.
+    fn supported_head_sizes(&self) -> Vec<usize> {
+        Vec::new()
+    }
+
+    /// KV-cache dtypes this backend stores.
+    fn supported_kv_cache_dtypes(&self) -> Vec<DType> {
+        vec![DType::F32]
+    }
+
+    /// Block sizes this backend accepts; empty means any.
+    fn supported_block_sizes(&self) -> Vec<usize> {
+        Vec::new()
+    }
+
+    /// Allocates one layer's KV cache and the object that computes its attention.
+    fn new_layer(
+        &self,
+        spec: &KvCacheSpec,
+        shape: AttentionShape,
+        device: &Device,
+    ) -> Result<Box<dyn AttentionImpl>>;
+}
