@@ -72,7 +72,7 @@ impl KvCacheManager {
     /// At least the last token is always left to compute, so that there are logits to sample.
     /// Takes no references: pass the blocks to [`Self::allocate_slots`].
     pub fn get_computed_blocks(&mut self, request: &Request) -> (Vec<BlockId>, usize) {
-        if !self.enable_caching {
+        if !self.enable_caching || request.skip_reading_prefix_cache {
             return (Vec::new(), 0);
         }
         let max_hit_blocks = (request.num_tokens() - 1) / self.block_size;

@@ -87,6 +87,9 @@ pub struct NewRequest {
     /// Extra keys mixed into the hash of every block (for example a multi-modal input hash or a
     /// cache salt), so that equal token ids with different extra inputs never share blocks.
     pub cache_salt: Option<u64>,
+    /// Never reuse cached prefix blocks for this request (it still fills the cache). Requests
+    /// that want prompt logprobs set this: they need logits at every prompt position.
+    pub skip_reading_prefix_cache: bool,
 }
 
 /// A request tracked by the scheduler.
@@ -124,6 +127,8 @@ pub struct Request {
     pub arrival_time: f64,
     /// Extra hash key.
     pub cache_salt: Option<u64>,
+    /// See [`NewRequest::skip_reading_prefix_cache`].
+    pub skip_reading_prefix_cache: bool,
     /// Hashes of the request's full blocks, grown as tokens arrive.
     pub(crate) block_hashes: Vec<BlockHash>,
     /// How many times this request was preempted.
@@ -149,6 +154,7 @@ impl Request {
             priority: new.priority,
             arrival_time: new.arrival_time,
             cache_salt: new.cache_salt,
+            skip_reading_prefix_cache: new.skip_reading_prefix_cache,
             block_hashes: Vec::new(),
             num_preemptions: 0,
         }

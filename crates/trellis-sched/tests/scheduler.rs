@@ -482,3 +482,16 @@ fn finish_request_with_stop_frees_blocks_and_stats_report_usage() {
     assert_eq!(s.stats().kv_cache_usage, 0.0);
     assert_eq!(s.stats().num_running_reqs, 0);
 }
+
+#[test]
+fn skip_reading_prefix_cache_computes_the_whole_prompt() {
+    let mut s = Scheduler::new(config(16, 4, 256, 8)).unwrap();
+    let mut fr = FakeRunner::new(16, 4, 50_000);
+    s.add_request(req("a", ids(9, 0), 1)).unwrap();
+    run_to_completion(&mut s, &mut fr, 20);
+    let mut b = req("b", ids(9, 0), 1);
+    b.skip_reading_prefix_cache = true;
+    s.add_request(b).unwrap();
+    let (plan, _) = step(&mut s, &mut fr);
+    assert_eq!(plan.scheduled[0].num_computed_tokens, 0);
+}

@@ -158,6 +158,7 @@ fn simulate(
                     priority: s.priority,
                     arrival_time: step as f64,
                     cache_salt: None,
+                    skip_reading_prefix_cache: false,
                 };
                 let too_long = prompt.is_empty()
                     || prompt.len() + s.max_tokens > MAX_MODEL_LEN
