@@ -11,3 +11,6 @@ else
   cargo test --workspace --no-fail-fast
 fi
 cargo test --workspace --doc
+# The OpenAI-compatible server against the official `openai` client (python/requirements.txt).
+cargo build -p trellis
+python3 -m pytest -q python/tests

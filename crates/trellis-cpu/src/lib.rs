@@ -1,0 +1,11 @@
+//! # trellis-cpu — the CPU platform's attention backends
+//!
+//! [`CpuReferenceBackend`] (`CPU_REFERENCE`) is the simple, obviously correct paged attention
+//! that faster backends are checked against. Its KV cache is two plain `Vec<f32>` per layer
+//! (`[num_blocks * block_size, num_kv_heads, head_dim]`, slot-major) and its forward is the
+//! textbook algorithm: write the step's keys and values into their slots, then, for every
+//! new token, a softmax over its own sequence's cached keys gathered through the block table.
+
+pub mod reference;
+
+pub use reference::{CpuReferenceAttention, CpuReferenceBackend, cpu_reference_backend};

@@ -1,0 +1,486 @@
+//! `AsyncLLM`: the [`LLMEngine`] on its own OS thread, driven through a command channel.
+//!
+//! ```text
+//! tokio tasks ──Command::Add{prompt, params, tx}──► engine thread (one loop):
+//!              ──Command::Abort / Stats──────────►    drain commands (block when idle)
+//!                                                     drop requests whose stream is gone
+//!                                                     step() ─► RequestUpdate per request
+//! RequestStream ◄──── tokio mpsc (one per request) ───┘
+//! ```
+//!
+//! Why a thread and not a tokio task: a step is seconds of CPU-bound compute that must not
+//! stall the HTTP runtime, and the engine holds non-`Send`-friendly state (the model). The loop
+//! blocks on the command channel when there is no work, so an idle server burns no CPU.
+//!
+//! Dropping a [`RequestStream`] (a client that went away) aborts its request: the stream sends
+//! an abort command, and the loop also checks every stream before each step, so the request's
+//! KV blocks are freed before the next step runs. A failing step (an error or a panic in the
+//! model) fails the requests in flight with an error update and the loop keeps serving.
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+use trellis_sched::{FinishReason, SchedulerStats};
+
+use crate::config::EngineConfig;
+use crate::error::EngineError;
+use crate::llm::{LLMEngine, Prompt, ResolvedConfig};
+use crate::outputs::{CompletionDelta, CompletionOutput, RequestOutput, RequestUpdate};
+use crate::sampling_params::SamplingParams;
+use crate::tokenizer::Tokenizer;
+
+/// Errors of the asynchronous front end: the engine's own, or the engine thread is gone.
+#[derive(Debug, thiserror::Error)]
+pub enum AsyncEngineError {
+    /// The engine refused the request (bad parameter, prompt too long, ...).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The engine thread has stopped (shut down, or crashed outside a step).
+    #[error("the engine is not running")]
+    EngineDead,
+}
+
+/// What the engine thread reports about itself (for stat endpoints and leak checks in tests).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineStats {
+    /// The scheduler's counters.
+    pub scheduler: SchedulerStats,
+    /// KV blocks in the cache.
+    pub num_kv_blocks: usize,
+    /// KV blocks owned by requests (not free, not merely cached).
+    pub num_owned_blocks: usize,
+    /// Requests the model runner holds state for.
+    pub num_runner_requests: usize,
+    /// Requests the scheduler has not finished.
+    pub num_unfinished_requests: usize,
+    /// Requests with an open stream in the loop.
+    pub num_streams: usize,
+    /// Steps that failed so far (errors or panics in the model).
+    pub num_failed_steps: u64,
+}
+
+/// A request for [`AsyncLLM::generate_with`].
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Unique id (the server uses `cmpl-...`).
+    pub request_id: String,
+    /// Text or token ids.
+    pub prompt: Prompt,
+    /// How to sample.
+    pub params: SamplingParams,
+    /// Lower is served first under the priority policy.
+    pub priority: i32,
+}
+
+enum Command {
+    Add {
+        request: Box<GenerateRequest>,
+        updates: mpsc::UnboundedSender<RequestUpdate>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Abort(String),
+    Stats(oneshot::Sender<EngineStats>),
+    Shutdown,
+}
+
+/// The per-request stream of [`RequestUpdate`]s; the last one has `finished` set. Dropping it
+/// before then aborts the request.
+pub struct RequestStream {
+    request_id: String,
+    rx: mpsc::UnboundedReceiver<RequestUpdate>,
+    commands: std_mpsc::Sender<Command>,
+    finished: bool,
+}
+
+impl RequestStream {
+    /// The request id.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The next update; `None` after the finished one (or when the engine stopped).
+    pub async fn recv(&mut self) -> Option<RequestUpdate> {
+        let u = self.rx.recv().await;
+        self.note(&u);
+        u
+    }
+
+    /// [`Self::recv`] for code outside an async runtime.
+    pub fn blocking_recv(&mut self) -> Option<RequestUpdate> {
+        let u = self.rx.blocking_recv();
+        self.note(&u);
+        u
+    }
+
+    fn note(&mut self, u: &Option<RequestUpdate>) {
+        match u {
+            Some(u) if u.finished.is_some() => self.finished = true,
+            None => self.finished = true,
+            _ => {}
+        }
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.commands.send(Command::Abort(self.request_id.clone()));
+        }
+    }
+}
+
+/// The engine on its own thread; cheap to share behind an `Arc`.
+pub struct AsyncLLM {
+    commands: std_mpsc::Sender<Command>,
+    config: ResolvedConfig,
+    tokenizer: Arc<Tokenizer>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl AsyncLLM {
+    /// Loads the model on a new engine thread and starts its loop. Blocks while loading (call
+    /// it from `spawn_blocking` inside a runtime if that matters).
+    pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
+        let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
+        let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("trellis-engine".into())
+            .spawn(move || match LLMEngine::new(config) {
+                Ok(engine) => {
+                    let facts = (engine.config().clone(), engine.tokenizer().clone());
+                    if ready_tx.send(Ok(facts)).is_ok() {
+                        EngineLoop::new(engine).run(cmd_rx);
+                    }
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| EngineError::Internal(format!("cannot start the engine thread: {e}")))?;
+        let (config, tokenizer) = match ready_rx.recv() {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(EngineError::Internal(
+                    "the engine thread died while loading".into(),
+                ));
+            }
+        };
+        Ok(AsyncLLM {
+            commands: cmd_tx,
+            config,
+            tokenizer,
+            thread: std::sync::Mutex::new(Some(thread)),
+            next_id: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// The resolved configuration (model facts, scheduler limits, `max_model_len`).
+    pub fn config(&self) -> &ResolvedConfig {
+        &self.config
+    }
+
+    /// The tokenizer (shared with the engine thread).
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// The longest sequence (prompt plus output) the engine accepts.
+    pub fn max_model_len(&self) -> usize {
+        self.config.scheduler.max_model_len
+    }
+
+    /// Starts a request with a generated id; updates arrive on the returned stream.
+    pub async fn generate(
+        &self,
+        prompt: Prompt,
+        params: SamplingParams,
+    ) -> Result<RequestStream, AsyncEngineError> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.generate_with(GenerateRequest {
+            request_id: format!("req-{id}"),
+            prompt,
+            params,
+            priority: 0,
+        })
+        .await
+    }
+
+    /// Starts a request; validation errors (parameters, context length) come back here.
+    pub async fn generate_with(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<RequestStream, AsyncEngineError> {
+        let request_id = request.request_id.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.commands
+            .send(Command::Add {
+                request: Box::new(request),
+                updates: tx,
+                reply: reply_tx,
+            })
+            .map_err(|_| AsyncEngineError::EngineDead)?;
+        reply_rx.await.map_err(|_| AsyncEngineError::EngineDead)??;
+        Ok(RequestStream {
+            request_id,
+            rx,
+            commands: self.commands.clone(),
+            finished: false,
+        })
+    }
+
+    /// Aborts a request (a no-op for unknown or finished ones).
+    pub fn abort(&self, request_id: &str) -> Result<(), AsyncEngineError> {
+        self.commands
+            .send(Command::Abort(request_id.to_string()))
+            .map_err(|_| AsyncEngineError::EngineDead)
+    }
+
+    /// Asks the engine thread for its counters; answered between steps.
+    pub async fn stats(&self) -> Result<EngineStats, AsyncEngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Stats(tx))
+            .map_err(|_| AsyncEngineError::EngineDead)?;
+        rx.await.map_err(|_| AsyncEngineError::EngineDead)
+    }
+
+    /// True while the engine thread runs.
+    pub fn is_alive(&self) -> bool {
+        match self.thread.lock() {
+            Ok(t) => t.as_ref().is_some_and(|h| !h.is_finished()),
+            Err(_) => false,
+        }
+    }
+
+    /// Stops the engine thread: requests in flight are aborted (their streams end) and the
+    /// thread is joined.
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+        let handle = match self.thread.lock() {
+            Ok(mut t) => t.take(),
+            Err(_) => None,
+        };
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for AsyncLLM {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Stream {
+    updates: mpsc::UnboundedSender<RequestUpdate>,
+    n: usize,
+}
+
+/// The loop on the engine thread.
+struct EngineLoop {
+    engine: LLMEngine,
+    streams: HashMap<String, Stream>,
+    failed_steps: u64,
+}
+
+impl EngineLoop {
+    fn new(engine: LLMEngine) -> Self {
+        EngineLoop {
+            engine,
+            streams: HashMap::new(),
+            failed_steps: 0,
+        }
+    }
+
+    fn run(mut self, commands: std_mpsc::Receiver<Command>) {
+        loop {
+            if self.streams.is_empty() {
+                match commands.recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return self.stop();
+                        }
+                    }
+                    Err(_) => return self.stop(),
+                }
+            }
+            loop {
+                match commands.try_recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return self.stop();
+                        }
+                    }
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => return self.stop(),
+                }
+            }
+            let gone: Vec<String> = self
+                .streams
+                .iter()
+                .filter(|(_, s)| s.updates.is_closed())
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in gone {
+                self.abort(&id);
+            }
+            if !self.streams.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    /// Handles one command; false means shut down.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Add {
+                request,
+                updates,
+                reply,
+            } => {
+                let result = self.add(*request, updates);
+                let _ = reply.send(result);
+            }
+            Command::Abort(id) => self.abort(&id),
+            Command::Stats(reply) => {
+                let _ = reply.send(self.stats());
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn add(
+        &mut self,
+        r: GenerateRequest,
+        updates: mpsc::UnboundedSender<RequestUpdate>,
+    ) -> Result<(), EngineError> {
+        if self.streams.contains_key(&r.request_id) {
+            return Err(EngineError::Config(format!(
+                "request id {} is already in use",
+                r.request_id
+            )));
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let n = r.params.n;
+        self.engine
+            .add_request_with(&r.request_id, r.prompt, r.params, r.priority, now)?;
+        self.streams.insert(r.request_id, Stream { updates, n });
+        Ok(())
+    }
+
+    fn abort(&mut self, id: &str) {
+        if self.streams.remove(id).is_some() {
+            self.engine.abort(id);
+        }
+    }
+
+    fn stats(&self) -> EngineStats {
+        let core = self.engine.core();
+        let pool = core.scheduler().kv_cache_manager().pool();
+        EngineStats {
+            scheduler: core.stats(),
+            num_kv_blocks: pool.num_blocks(),
+            num_owned_blocks: pool.num_blocks() - pool.num_free_blocks(),
+            num_runner_requests: core.runner().num_requests(),
+            num_unfinished_requests: core.scheduler().num_unfinished_requests(),
+            num_streams: self.streams.len(),
+            num_failed_steps: self.failed_steps,
+        }
+    }
+
+    fn step(&mut self) {
+        let result = catch_unwind(AssertUnwindSafe(|| self.engine.step()));
+        let updates = match result {
+            Ok(Ok(updates)) => updates,
+            Ok(Err(e)) => return self.fail_all(&e.to_string()),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                return self.fail_all(&format!("the engine step panicked: {msg}"));
+            }
+        };
+        for u in updates {
+            let id = u.request_id.clone();
+            let finished = u.finished.is_some();
+            let delivered = self
+                .streams
+                .get(&id)
+                .is_some_and(|s| s.updates.send(u).is_ok());
+            if finished {
+                self.streams.remove(&id);
+            } else if !delivered {
+                self.abort(&id);
+            }
+        }
+    }
+
+    /// Fails every request in flight with `message`, frees them, and keeps the loop alive.
+    fn fail_all(&mut self, message: &str) {
+        self.failed_steps += 1;
+        eprintln!(
+            "trellis engine: step failed, failing {} request(s): {message}",
+            self.streams.len()
+        );
+        let ids: Vec<String> = self.streams.keys().cloned().collect();
+        for id in ids {
+            self.engine.abort(&id);
+            let Some(s) = self.streams.remove(&id) else {
+                continue;
+            };
+            let _ = s.updates.send(error_update(&id, s.n, message));
+        }
+    }
+
+    fn stop(mut self) {
+        let ids: Vec<String> = self.streams.keys().cloned().collect();
+        for id in ids {
+            self.abort(&id);
+        }
+    }
+}
+
+/// The final update of a request that failed.
+fn error_update(request_id: &str, n: usize, message: &str) -> RequestUpdate {
+    let outputs: Vec<CompletionOutput> = (0..n)
+        .map(|index| CompletionOutput {
+            index,
+            finish_reason: Some(FinishReason::Error),
+            ..Default::default()
+        })
+        .collect();
+    RequestUpdate {
+        request_id: request_id.to_string(),
+        deltas: (0..n)
+            .map(|index| CompletionDelta {
+                index,
+                finish_reason: Some(FinishReason::Error),
+                ..Default::default()
+            })
+            .collect(),
+        prompt_logprobs: None,
+        finished: Some(RequestOutput {
+            request_id: request_id.to_string(),
+            outputs,
+            finished: true,
+            error: Some(message.to_string()),
+            ..Default::default()
+        }),
+    }
+}

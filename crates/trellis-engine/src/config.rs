@@ -1,0 +1,85 @@
+//! `EngineConfig`: raw settings validated once into what each component needs.
+
+use std::path::PathBuf;
+
+use trellis_sched::SchedulingPolicy;
+
+/// Who drives the engine: it picks vLLM's CPU defaults for the step budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UsageContext {
+    /// The offline `LLM` class / `trellis generate`: 4096 tokens and 256 sequences a step.
+    #[default]
+    Offline,
+    /// The OpenAI server: 2048 tokens and 128 sequences a step.
+    Server,
+}
+
+/// Default KV-cache size on CPU: vLLM's `VLLM_CPU_KVCACHE_SPACE` default of 4 GiB.
+pub const DEFAULT_KV_CACHE_BYTES: usize = 4 << 30;
+
+/// Everything needed to build an engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// A GGUF file or a Hugging Face model directory.
+    pub model: PathBuf,
+    /// Longest sequence; defaults to the model's context length.
+    pub max_model_len: Option<usize>,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV-cache budget in bytes (`--kv-cache-memory`); defaults to `VLLM_CPU_KVCACHE_SPACE`
+    /// GiB, else 4 GiB.
+    pub kv_cache_memory: Option<usize>,
+    /// Exact number of KV blocks, overriding the memory budget (vLLM's
+    /// `num_gpu_blocks_override`; tests use it to force preemption).
+    pub num_kv_blocks: Option<usize>,
+    /// Most sequences a step (`--max-num-seqs`).
+    pub max_num_seqs: Option<usize>,
+    /// Token budget a step (`--max-num-batched-tokens`).
+    pub max_num_batched_tokens: Option<usize>,
+    /// Automatic prefix caching.
+    pub enable_prefix_caching: bool,
+    /// Admission order.
+    pub scheduling_policy: SchedulingPolicy,
+    /// Seed for requests without their own seed.
+    pub seed: u64,
+    /// Offline or server defaults.
+    pub usage: UsageContext,
+}
+
+impl EngineConfig {
+    /// Defaults for a model path.
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            model: model.into(),
+            max_model_len: None,
+            block_size: 16,
+            kv_cache_memory: None,
+            num_kv_blocks: None,
+            max_num_seqs: None,
+            max_num_batched_tokens: None,
+            enable_prefix_caching: true,
+            scheduling_policy: SchedulingPolicy::Fcfs,
+            seed: 0,
+            usage: UsageContext::Offline,
+        }
+    }
+
+    /// The KV-cache budget: the flag, else `VLLM_CPU_KVCACHE_SPACE` (GiB), else 4 GiB.
+    pub fn kv_cache_bytes(&self) -> Result<usize, String> {
+        if let Some(b) = self.kv_cache_memory {
+            return Ok(b);
+        }
+        match std::env::var("VLLM_CPU_KVCACHE_SPACE") {
+            Ok(v) if !v.trim().is_empty() => {
+                let gib: f64 = v.trim().parse().map_err(|_| {
+                    format!("VLLM_CPU_KVCACHE_SPACE must be a number of GiB, got {v:?}")
+                })?;
+                if gib <= 0.0 {
+                    return Ok(DEFAULT_KV_CACHE_BYTES);
+                }
+                Ok((gib * (1u64 << 30) as f64) as usize)
+            }
+            _ => Ok(DEFAULT_KV_CACHE_BYTES),
+        }
+    }
+}

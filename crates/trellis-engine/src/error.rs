@@ -1,0 +1,29 @@
+//! Engine errors.
+
+use crate::sampling_params::SamplingParamsError;
+
+/// Everything the engine can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A sampling parameter is invalid.
+    #[error(transparent)]
+    InvalidParams(#[from] SamplingParamsError),
+    /// The scheduler refused the request (empty prompt, context overflow, ...).
+    #[error(transparent)]
+    Scheduler(#[from] trellis_sched::SchedError),
+    /// Loading the model failed.
+    #[error(transparent)]
+    Model(#[from] trellis_models::ModelError),
+    /// Building or using the tokenizer failed.
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    /// A tensor operation failed during a forward pass.
+    #[error("forward pass failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The engine configuration is invalid.
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+    /// A broken internal expectation (a bug): reported, never a panic.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,37 @@
+//! # trellis-engine — the engine: model runner, engine core, LLM engine, offline API
+//!
+//! Data flow (DESIGN.md §1):
+//!
+//! ```text
+//! LLM::generate / AsyncLLM ─► LLMEngine::add_request(prompt, SamplingParams)
+//!     tokenizer ─► EngineCore::add_request (ids; n children) ─► Scheduler (waiting)
+//! LLMEngine::step():
+//!     EngineCore::step():  plan = scheduler.schedule()
+//!                          out  = runner.execute(&plan)        // one forward, then sampling
+//!                          done = scheduler.update_from_output(&plan, &out.sampled)
+//!     OutputProcessor:     detokenize incrementally, stop strings, logprobs ─► RequestUpdate
+//! ```
+
+pub mod async_llm;
+pub mod chat_template;
+pub mod config;
+pub mod detokenizer;
+pub mod engine_core;
+pub mod error;
+pub mod llm;
+pub mod model_runner;
+pub mod output_processor;
+pub mod outputs;
+pub mod sampler;
+pub mod sampling_params;
+pub mod tokenizer;
+
+pub use async_llm::{AsyncEngineError, AsyncLLM, EngineStats, GenerateRequest, RequestStream};
+pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, ChatTemplateOptions};
+pub use config::{EngineConfig, UsageContext};
+pub use engine_core::{EngineCore, EngineCoreRequest, StepOutput};
+pub use error::EngineError;
+pub use llm::{LLM, LLMEngine, Prompt, ResolvedConfig};
+pub use outputs::{CompletionDelta, CompletionOutput, RequestOutput, RequestUpdate, StopReason};
+pub use sampling_params::{SamplingParams, SamplingParamsError};
+pub use trellis_sched::FinishReason;

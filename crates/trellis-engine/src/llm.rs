@@ -1,0 +1,291 @@
+//! `LLMEngine` (engine core + output processor) and the offline `LLM` API.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use trellis_models::{WeightFormat, load_model};
+use trellis_plugin::ModelConfig;
+use trellis_sched::{Scheduler, SchedulerConfig};
+
+use crate::config::{EngineConfig, UsageContext};
+use crate::engine_core::{EngineCore, EngineCoreRequest};
+use crate::error::EngineError;
+use crate::model_runner::ModelRunner;
+use crate::output_processor::{OutputProcessor, child_request_id};
+use crate::outputs::{RequestOutput, RequestUpdate};
+use crate::sampler::Generator;
+use crate::sampling_params::SamplingParams;
+use crate::tokenizer::Tokenizer;
+
+/// A prompt: text to tokenize, or token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// Text, tokenized with the model's tokenizer (BOS added when the model wants it).
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+}
+
+impl From<&str> for Prompt {
+    fn from(s: &str) -> Self {
+        Prompt::Text(s.to_string())
+    }
+}
+
+impl From<String> for Prompt {
+    fn from(s: String) -> Self {
+        Prompt::Text(s)
+    }
+}
+
+impl From<Vec<u32>> for Prompt {
+    fn from(ids: Vec<u32>) -> Self {
+        Prompt::Tokens(ids)
+    }
+}
+
+/// The resolved numbers an engine runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedConfig {
+    /// The input configuration.
+    pub engine: EngineConfig,
+    /// The scheduler's configuration (budget, caps, cache geometry).
+    pub scheduler: SchedulerConfig,
+    /// The model's facts.
+    pub model: ModelConfig,
+    /// Name of the attention backend in use.
+    pub attention_backend: String,
+}
+
+/// The engine: tokenizer, engine core and output processor, driven step by step.
+pub struct LLMEngine {
+    core: EngineCore,
+    processor: OutputProcessor,
+    tokenizer: Arc<Tokenizer>,
+    config: ResolvedConfig,
+    seeds: Generator,
+}
+
+impl LLMEngine {
+    /// Loads the model and tokenizer and sizes the KV cache.
+    pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
+        let device = Device::Cpu;
+        let loaded = load_model(&config.model, &device)?;
+        let tokenizer = match loaded.format {
+            WeightFormat::Gguf => Tokenizer::from_gguf(&config.model)?,
+            _ => Tokenizer::from_hf_dir(&config.model)?,
+        };
+        let model_cfg = loaded.model.config().clone();
+        let max_model_len = match config.max_model_len {
+            Some(m) if m > model_cfg.max_position_embeddings => {
+                return Err(EngineError::Config(format!(
+                    "max_model_len {m} is larger than the model's context length {}",
+                    model_cfg.max_position_embeddings
+                )));
+            }
+            Some(m) => m,
+            None => model_cfg.max_position_embeddings,
+        };
+        let block_size = config.block_size;
+        if block_size == 0 {
+            return Err(EngineError::Config("block_size must be at least 1".into()));
+        }
+        let bytes_per_block =
+            2 * model_cfg.num_layers * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * 4;
+        let num_blocks = match config.num_kv_blocks {
+            Some(n) => n,
+            None => config.kv_cache_bytes().map_err(EngineError::Config)? / bytes_per_block.max(1),
+        };
+        if num_blocks == 0 {
+            return Err(EngineError::Config(format!(
+                "the KV-cache budget is smaller than one block ({bytes_per_block} bytes)"
+            )));
+        }
+        let mut sched_cfg = match config.usage {
+            UsageContext::Offline => SchedulerConfig::cpu_offline(max_model_len, num_blocks),
+            UsageContext::Server => SchedulerConfig::cpu_server(max_model_len, num_blocks),
+        };
+        sched_cfg.block_size = block_size;
+        sched_cfg.enable_prefix_caching = config.enable_prefix_caching;
+        sched_cfg.policy = config.scheduling_policy;
+        if let Some(n) = config.max_num_seqs {
+            sched_cfg.max_num_seqs = n;
+        }
+        if let Some(n) = config.max_num_batched_tokens {
+            sched_cfg.max_num_batched_tokens = n;
+        }
+        let scheduler = Scheduler::new(sched_cfg.clone())?;
+        let backend = trellis_cpu::cpu_reference_backend();
+        let runner = ModelRunner::new(loaded.model, backend.as_ref(), num_blocks, block_size, &device)?;
+        let tokenizer = Arc::new(tokenizer);
+        let seeds = Generator::new(config.seed);
+        Ok(LLMEngine {
+            core: EngineCore::new(scheduler, runner),
+            processor: OutputProcessor::new(tokenizer.clone()),
+            tokenizer,
+            config: ResolvedConfig {
+                engine: config,
+                scheduler: sched_cfg,
+                model: model_cfg,
+                attention_backend: backend.name().to_string(),
+            },
+            seeds,
+        })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &ResolvedConfig {
+        &self.config
+    }
+
+    /// The engine core (read-only; stats and leak checks).
+    pub fn core(&self) -> &EngineCore {
+        &self.core
+    }
+
+    /// Tokenizes a prompt.
+    pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        match prompt {
+            Prompt::Text(t) => Ok(self.tokenizer.encode(t, true)?),
+            Prompt::Tokens(ids) => Ok(ids.clone()),
+        }
+    }
+
+    /// Adds a request; with `n > 1` its children run as separate requests in the core.
+    pub fn add_request(&mut self, request_id: &str, prompt: Prompt, params: SamplingParams) -> Result<(), EngineError> {
+        self.add_request_with(request_id, prompt, params, 0, 0.0)
+    }
+
+    /// [`Self::add_request`] with a priority and an arrival time.
+    pub fn add_request_with(
+        &mut self,
+        request_id: &str,
+        prompt: Prompt,
+        params: SamplingParams,
+        priority: i32,
+        arrival_time: f64,
+    ) -> Result<(), EngineError> {
+        params.validate(self.config.model.vocab_size)?;
+        let prompt_ids = self.tokenize(&prompt)?;
+        let n = params.n;
+        for index in 0..n {
+            let mut child = params.clone();
+            child.n = 1;
+            if let Some(seed) = params.seed {
+                child.seed = Some(seed.wrapping_add(index as u64));
+            }
+            let res = self.core.add_request(EngineCoreRequest {
+                request_id: child_request_id(request_id, index, n),
+                prompt_token_ids: prompt_ids.clone(),
+                params: child,
+                eos_token_ids: self.tokenizer.eos_token_ids().to_vec(),
+                lora_id: 0,
+                priority,
+                arrival_time,
+                fallback_seed: self.seeds.next_u64(),
+            });
+            if let Err(e) = res {
+                for j in 0..index {
+                    self.core.abort(&child_request_id(request_id, j, n));
+                }
+                return Err(e);
+            }
+        }
+        let text = match prompt {
+            Prompt::Text(t) => Some(t),
+            Prompt::Tokens(_) => None,
+        };
+        self.processor.add_request(request_id, text, &prompt_ids, &params);
+        Ok(())
+    }
+
+    /// Aborts a request and all its children; their KV blocks are freed now.
+    pub fn abort(&mut self, request_id: &str) {
+        for child in self.processor.unfinished_children(request_id) {
+            self.core.abort(&child);
+        }
+        self.processor.remove_request(request_id);
+    }
+
+    /// True while any request is unfinished.
+    pub fn has_unfinished_requests(&self) -> bool {
+        self.core.has_unfinished_requests() || self.processor.num_requests() > 0
+    }
+
+    /// One engine step; returns what changed for each request.
+    pub fn step(&mut self) -> Result<Vec<RequestUpdate>, EngineError> {
+        let outputs = self.core.step()?;
+        let (updates, stopped) = self.processor.process(outputs);
+        for id in stopped {
+            self.core.finish_request(&id, trellis_sched::FinishReason::Stop);
+        }
+        Ok(updates)
+    }
+}
+
+/// The offline API: `LLM::new(config)?.generate(prompts, &params)?`.
+pub struct LLM {
+    engine: LLMEngine,
+    next_id: u64,
+}
+
+impl LLM {
+    /// Loads the model.
+    pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
+        Ok(LLM { engine: LLMEngine::new(config)?, next_id: 0 })
+    }
+
+    /// The engine underneath.
+    pub fn engine(&mut self) -> &mut LLMEngine {
+        &mut self.engine
+    }
+
+    /// Generates for every prompt with the same parameters; outputs come back in prompt order.
+    pub fn generate<P: Into<Prompt> + Clone>(&mut self, prompts: &[P], params: &SamplingParams) -> Result<Vec<RequestOutput>, EngineError> {
+        let params = vec![params.clone(); prompts.len()];
+        self.generate_each(prompts, &params, |_, _| {})
+    }
+
+    /// Generates with per-prompt parameters, calling `progress(done, total)` as requests finish.
+    pub fn generate_each<P: Into<Prompt> + Clone>(
+        &mut self,
+        prompts: &[P],
+        params: &[SamplingParams],
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<RequestOutput>, EngineError> {
+        if prompts.len() != params.len() {
+            return Err(EngineError::Config(format!(
+                "{} prompts but {} sampling parameter sets",
+                prompts.len(),
+                params.len()
+            )));
+        }
+        let mut ids: Vec<String> = Vec::with_capacity(prompts.len());
+        for (prompt, p) in prompts.iter().zip(params) {
+            let id = self.next_id.to_string();
+            self.next_id += 1;
+            if let Err(e) = self.engine.add_request(&id, prompt.clone().into(), p.clone()) {
+                for added in &ids {
+                    self.engine.abort(added);
+                }
+                return Err(e);
+            }
+            ids.push(id);
+        }
+        let mut done: std::collections::HashMap<String, RequestOutput> = std::collections::HashMap::new();
+        while done.len() < ids.len() {
+            for update in self.engine.step()? {
+                if let Some(out) = update.finished {
+                    done.insert(out.request_id.clone(), out);
+                    progress(done.len(), ids.len());
+                }
+            }
+        }
+        Ok(ids.into_iter().filter_map(|id| done.remove(&id)).collect())
+    }
+}

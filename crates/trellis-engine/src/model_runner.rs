@@ -1,0 +1,211 @@
+//! The model runner: turns a [`SchedulerOutput`] into one forward pass over the flattened batch,
+//! then samples (vLLM's `GPUModelRunner`, on CPU and much smaller).
+//!
+//! It owns the model, one attention layer (with its share of the paged KV cache) per model
+//! layer, and per-request sampling state. It never decides *what* runs: that is the scheduler's
+//! job; it only executes the plan.
+
+use std::collections::HashMap;
+
+use candle_core::Device;
+use trellis_plugin::{
+    AttentionBackend, AttentionImpl, AttentionMetadata, AttentionShape, ForwardContext,
+    KvCacheSpec, Model, SeqAttentionMetadata,
+};
+use trellis_sched::{ModelRunnerOutput, RequestId, SchedulerOutput};
+
+use crate::error::EngineError;
+use crate::sampler::{Generator, PositionLogprobs, SamplingContext, position_logprobs, sample};
+use crate::sampling_params::SamplingParams;
+
+/// What the runner keeps per request between steps.
+#[derive(Debug, Clone)]
+pub struct RunnerRequest {
+    /// Sampling parameters.
+    pub params: SamplingParams,
+    /// Prompt token ids.
+    pub prompt_ids: Vec<u32>,
+    /// Token ids sampled so far.
+    pub output_ids: Vec<u32>,
+    /// EOS and stop token ids (masked under `min_tokens`).
+    pub stop_ids: Vec<u32>,
+    /// The request's own generator.
+    pub generator: Generator,
+    /// Prompt positions whose logprobs were already returned (they are not repeated after a
+    /// preemption recomputes the prompt).
+    pub prompt_logprobs_done: usize,
+}
+
+/// A step's result: sampled tokens for the scheduler, logprobs for the output processor.
+#[derive(Debug, Clone, Default)]
+pub struct RunnerOutput {
+    /// Sampled token ids, one entry per scheduled request.
+    pub sampled: ModelRunnerOutput,
+    /// Logprobs of the sampled token, for requests that asked.
+    pub logprobs: HashMap<RequestId, PositionLogprobs>,
+    /// Logprobs of prompt tokens computed this step, for requests that asked.
+    pub prompt_logprobs: HashMap<RequestId, Vec<PositionLogprobs>>,
+}
+
+/// Runs the model on the paged KV cache.
+pub struct ModelRunner {
+    model: Box<dyn Model>,
+    attn_layers: Vec<Box<dyn AttentionImpl>>,
+    block_size: usize,
+    requests: HashMap<RequestId, RunnerRequest>,
+}
+
+impl ModelRunner {
+    /// Allocates the KV cache (`num_blocks` blocks per layer) through `backend`.
+    pub fn new(
+        model: Box<dyn Model>,
+        backend: &dyn AttentionBackend,
+        num_blocks: usize,
+        block_size: usize,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        let c = model.config().clone();
+        let spec = KvCacheSpec {
+            num_blocks,
+            block_size,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            dtype: candle_core::DType::F32,
+        };
+        let shape = AttentionShape {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        let attn_layers = (0..c.num_layers)
+            .map(|_| backend.new_layer(&spec, shape, device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(ModelRunner { model, attn_layers, block_size, requests: HashMap::new() })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &dyn Model {
+        self.model.as_ref()
+    }
+
+    /// Registers a request's sampling state before it is first scheduled.
+    pub fn add_request(&mut self, request_id: RequestId, state: RunnerRequest) {
+        self.requests.insert(request_id, state);
+    }
+
+    /// Number of requests with sampling state (for leak checks).
+    pub fn num_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Drops the state of a finished request.
+    pub fn remove_request(&mut self, request_id: &str) {
+        self.requests.remove(request_id);
+    }
+
+    /// Executes one step: a single forward over every scheduled token, then sampling.
+    pub fn execute(&mut self, plan: &SchedulerOutput) -> Result<RunnerOutput, EngineError> {
+        for id in &plan.finished_req_ids {
+            self.requests.remove(id);
+        }
+        let mut out = RunnerOutput::default();
+        if plan.scheduled.is_empty() {
+            return Ok(out);
+        }
+        let n = plan.total_num_scheduled_tokens;
+        let mut input_ids = Vec::with_capacity(n);
+        let mut positions = Vec::with_capacity(n);
+        let mut metadata = AttentionMetadata {
+            block_size: self.block_size,
+            slot_mapping: Vec::with_capacity(n),
+            seqs: Vec::with_capacity(plan.scheduled.len()),
+        };
+        // Rows of the logits: per request, the prompt positions whose logprobs are wanted,
+        // then (when it samples) its last token.
+        let mut logits_indices = Vec::new();
+        let mut rows: Vec<(usize, usize, Option<usize>)> = Vec::with_capacity(plan.scheduled.len());
+        for sr in &plan.scheduled {
+            let start = input_ids.len();
+            input_ids.extend_from_slice(&sr.token_ids);
+            positions.extend_from_slice(&sr.positions);
+            metadata.slot_mapping.extend_from_slice(&sr.slot_mapping);
+            metadata.seqs.push(SeqAttentionMetadata {
+                query_start: start,
+                query_len: sr.token_ids.len(),
+                context_len: sr.num_computed_tokens + sr.token_ids.len(),
+                block_table: sr.block_table.clone(),
+            });
+            let state = self
+                .requests
+                .get(&sr.request_id)
+                .ok_or_else(|| EngineError::Internal(format!("no runner state for request {}", sr.request_id)))?;
+            let first_prompt_row = logits_indices.len();
+            if state.params.prompt_logprobs.is_some() {
+                let prompt_len = state.prompt_ids.len();
+                for (i, &pos) in sr.positions.iter().enumerate() {
+                    if pos + 1 < prompt_len && pos + 1 > state.prompt_logprobs_done {
+                        logits_indices.push(start + i);
+                    }
+                }
+            }
+            let num_prompt_rows = logits_indices.len() - first_prompt_row;
+            let sample_row = if sr.samples {
+                logits_indices.push(start + sr.token_ids.len() - 1);
+                Some(logits_indices.len() - 1)
+            } else {
+                None
+            };
+            rows.push((first_prompt_row, num_prompt_rows, sample_row));
+        }
+        let mut ctx = ForwardContext {
+            attn_metadata: &metadata,
+            attn_layers: &mut self.attn_layers,
+            logits_indices: &logits_indices,
+        };
+        let logits = self.model.forward(&input_ids, &positions, &mut ctx)?;
+        let mut logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let vocab = self.model.config().vocab_size;
+        if logits.len() != logits_indices.len() * vocab {
+            return Err(EngineError::Internal(format!(
+                "the model returned {} logits for {} rows of vocabulary {vocab}",
+                logits.len(),
+                logits_indices.len()
+            )));
+        }
+        for (sr, &(first, count, sample_row)) in plan.scheduled.iter().zip(&rows) {
+            let Some(state) = self.requests.get_mut(&sr.request_id) else { continue };
+            if count > 0 {
+                let k = state.params.prompt_logprobs.unwrap_or(0);
+                let mut lps = Vec::with_capacity(count);
+                for r in first..first + count {
+                    let pos = positions[logits_indices[r]];
+                    let row = &logits[r * vocab..(r + 1) * vocab];
+                    lps.push(position_logprobs(row, state.prompt_ids[pos + 1], k));
+                    state.prompt_logprobs_done = pos + 1;
+                }
+                out.prompt_logprobs.insert(sr.request_id.clone(), lps);
+            }
+            let Some(r) = sample_row else {
+                out.sampled.sampled_token_ids.push(Vec::new());
+                continue;
+            };
+            let row = &mut logits[r * vocab..(r + 1) * vocab];
+            let raw_logprobs_k = state.params.logprobs;
+            let raw = raw_logprobs_k.map(|_| row.to_vec());
+            let ctx = SamplingContext {
+                params: &state.params,
+                prompt_ids: &state.prompt_ids,
+                output_ids: &state.output_ids,
+                stop_ids: &state.stop_ids,
+            };
+            let token = sample(row, &ctx, &mut state.generator);
+            if let (Some(k), Some(raw)) = (raw_logprobs_k, raw) {
+                out.logprobs.insert(sr.request_id.clone(), position_logprobs(&raw, token, k));
+            }
+            state.output_ids.push(token);
+            out.sampled.sampled_token_ids.push(vec![token]);
+        }
+        Ok(out)
+    }
+}

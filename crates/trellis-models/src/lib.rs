@@ -1,0 +1,31 @@
+//! # trellis-models — architectures, shared layers and weight loaders
+//!
+//! Data flow of one step: the engine calls [`Model::forward`](trellis_plugin::Model::forward)
+//! with the flattened batch; the model embeds the tokens, computes the step's rotary tables
+//! once, and runs its decoder layers, each of which projects q/k/v ([`layers::Attention`]) and
+//! hands them to the paged attention backend in the `ForwardContext`; finally the LM head runs
+//! on the rows in `logits_indices` only.
+//!
+//! Loading: [`load_model`] (or [`ModelRegistry::load`]) tells a GGUF file from a Hugging Face
+//! directory, reads the architecture (`general.architecture` or config.json `architectures`),
+//! and calls the registered factory with a [`WeightSource`] that serves tensors by their
+//! Hugging Face names. Model files never know the weight format; the source decides the
+//! RoPE variant that matches its q/k row order.
+//!
+//! Every loading failure is a [`ModelError`] naming the file and the problem on one line.
+
+pub mod error;
+pub mod gguf;
+pub mod layers;
+pub mod llama;
+pub mod qwen2;
+pub mod registry;
+pub mod weights;
+
+pub use error::ModelError;
+pub use gguf::GgufSource;
+pub use registry::{
+    LoadedModel, ModelConfigSource, ModelFactory, ModelLoadContext, ModelRegistry, WeightFormat,
+    load_model, register_builtin_models,
+};
+pub use weights::{SafetensorsSource, WeightSource};

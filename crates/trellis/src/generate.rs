@@ -1,0 +1,91 @@
+//! `trellis generate`: offline generation through the same engine the server uses.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use trellis_engine::{LLM, Prompt, RequestOutput};
+
+use crate::args::GenerateArgs;
+
+#[derive(serde::Deserialize)]
+struct InputLine {
+    prompt: Option<String>,
+    prompt_token_ids: Option<Vec<u32>>,
+}
+
+fn read_prompts(args: &GenerateArgs) -> Result<Vec<Prompt>> {
+    let Some(path) = &args.input else {
+        return Ok(args.prompt.iter().cloned().map(Prompt::Text).collect());
+    };
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut prompts = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: InputLine = serde_json::from_str(&line)
+            .with_context(|| format!("{} line {}: not a JSON object with \"prompt\" or \"prompt_token_ids\"", path.display(), i + 1))?;
+        match (parsed.prompt, parsed.prompt_token_ids) {
+            (Some(p), None) => prompts.push(Prompt::Text(p)),
+            (None, Some(ids)) => prompts.push(Prompt::Tokens(ids)),
+            _ => bail!("{} line {}: give exactly one of \"prompt\" and \"prompt_token_ids\"", path.display(), i + 1),
+        }
+    }
+    if prompts.is_empty() {
+        bail!("{} holds no prompts", path.display());
+    }
+    Ok(prompts)
+}
+
+fn output_json(out: &RequestOutput) -> serde_json::Value {
+    serde_json::json!({
+        "prompt": out.prompt,
+        "prompt_token_ids": out.prompt_token_ids,
+        "prompt_logprobs": out.prompt_logprobs,
+        "num_cached_tokens": out.num_cached_tokens,
+        "error": out.error,
+        "outputs": out.outputs,
+    })
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let config = args.engine.to_config()?;
+    let params = args.sampling.to_params()?;
+    let prompts = read_prompts(&args)?;
+    let mut llm = LLM::new(config)?;
+    let bar = if std::io::stderr().is_terminal() && prompts.len() > 1 {
+        let b = ProgressBar::new(prompts.len() as u64);
+        b.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} requests [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+        Some(b)
+    } else {
+        None
+    };
+    let all = vec![params; prompts.len()];
+    let outputs = llm.generate_each(&prompts, &all, |done, _| {
+        if let Some(b) = &bar {
+            b.set_position(done as u64);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    match &args.output {
+        Some(path) => {
+            let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+            for o in &outputs {
+                writeln!(f, "{}", output_json(o))?;
+            }
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            for o in &outputs {
+                for c in &o.outputs {
+                    writeln!(stdout, "{}", c.text)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}

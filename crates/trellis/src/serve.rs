@@ -1,0 +1,80 @@
+//! `trellis serve`: the OpenAI-compatible server (vLLM's `vllm serve`).
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use trellis_engine::{AsyncLLM, UsageContext};
+use trellis_server::{AppState, ServerConfig};
+
+use crate::args::ServeArgs;
+
+/// Checks `--dtype`: Trellis computes in float32 on CPU.
+fn check_dtype(dtype: &str) -> Result<()> {
+    match dtype.to_ascii_lowercase().as_str() {
+        "auto" | "float32" | "float" => Ok(()),
+        other => bail!(
+            "--dtype {other} is not supported: Trellis computes in float32 on CPU (use auto, float32 or float)"
+        ),
+    }
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    check_dtype(&args.dtype)?;
+    let mut engine_args = args.engine.clone();
+    match (&args.model_tag, &engine_args.model) {
+        (Some(a), Some(b)) if a != b => {
+            bail!(
+                "the model was given twice, as {} and --model {}",
+                a.display(),
+                b.display()
+            )
+        }
+        (Some(a), _) => engine_args.model = Some(a.clone()),
+        _ => {}
+    }
+    let mut config = engine_args.to_config()?;
+    config.usage = UsageContext::Server;
+    let model_path = config.model.display().to_string();
+    let served_name = args
+        .served_model_name
+        .first()
+        .cloned()
+        .unwrap_or_else(|| model_path.clone());
+    // vLLM accepts a file or the template itself.
+    let chat_template = match &args.chat_template {
+        Some(t) if !std::path::Path::new(t).exists() && (t.contains("{{") || t.contains("{%")) => {
+            Some(t.clone())
+        }
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read the chat template {p}"))?,
+        ),
+        None => None,
+    };
+    let engine =
+        Arc::new(AsyncLLM::new(config).with_context(|| format!("cannot load {model_path}"))?);
+    let mut server = ServerConfig::new(served_name.clone(), model_path);
+    server.api_key = args.api_key.clone().filter(|k| !k.is_empty());
+    server.chat_template = chat_template;
+    server.disable_log_requests = args.disable_log_requests;
+    let state = AppState::new(engine, server).context("invalid --chat-template")?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+        let addr = listener
+            .local_addr()
+            .context("cannot read the listening address")?;
+        eprintln!("Trellis serving {served_name} on http://{addr}");
+        trellis_server::serve(listener, state, trellis_server::shutdown_signal())
+            .await
+            .context("the server failed")
+    })?;
+    eprintln!("Trellis server stopped");
+    Ok(())
+}
