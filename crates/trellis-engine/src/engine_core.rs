@@ -161,7 +161,14 @@ impl EngineCore {
         let mut order = Vec::new();
         for (id, lps) in out.prompt_logprobs.drain() {
             order.push(id.clone());
-            results.insert(id.clone(), StepOutput { request_id: id, prompt_logprobs: lps, ..Default::default() });
+            results.insert(
+                id.clone(),
+                StepOutput {
+                    request_id: id,
+                    prompt_logprobs: lps,
+                    ..Default::default()
+                },
+            );
         }
         for o in done {
             if o.finish_reason.is_some() {
@@ -169,7 +176,10 @@ impl EngineCore {
             }
             let entry = results.entry(o.request_id.clone()).or_insert_with(|| {
                 order.push(o.request_id.clone());
-                StepOutput { request_id: o.request_id.clone(), ..Default::default() }
+                StepOutput {
+                    request_id: o.request_id.clone(),
+                    ..Default::default()
+                }
             });
             if let Some(lp) = out.logprobs.remove(&o.request_id)
                 && !o.new_token_ids.is_empty()
@@ -182,6 +192,9 @@ impl EngineCore {
             entry.num_cached_tokens = o.num_cached_tokens;
             entry.error = o.error;
         }
-        Ok(order.into_iter().filter_map(|id| results.remove(&id)).collect())
+        Ok(order
+            .into_iter()
+            .filter_map(|id| results.remove(&id))
+            .collect())
     }
 }

@@ -116,7 +116,13 @@ impl LLMEngine {
         }
         let scheduler = Scheduler::new(sched_cfg.clone())?;
         let backend = trellis_cpu::cpu_reference_backend();
-        let runner = ModelRunner::new(loaded.model, backend.as_ref(), num_blocks, block_size, &device)?;
+        let runner = ModelRunner::new(
+            loaded.model,
+            backend.as_ref(),
+            num_blocks,
+            block_size,
+            &device,
+        )?;
         let tokenizer = Arc::new(tokenizer);
         let seeds = Generator::new(config.seed);
         Ok(LLMEngine {
@@ -157,7 +163,12 @@ impl LLMEngine {
     }
 
     /// Adds a request; with `n > 1` its children run as separate requests in the core.
-    pub fn add_request(&mut self, request_id: &str, prompt: Prompt, params: SamplingParams) -> Result<(), EngineError> {
+    pub fn add_request(
+        &mut self,
+        request_id: &str,
+        prompt: Prompt,
+        params: SamplingParams,
+    ) -> Result<(), EngineError> {
         self.add_request_with(request_id, prompt, params, 0, 0.0)
     }
 
@@ -200,7 +211,8 @@ impl LLMEngine {
             Prompt::Text(t) => Some(t),
             Prompt::Tokens(_) => None,
         };
-        self.processor.add_request(request_id, text, &prompt_ids, &params);
+        self.processor
+            .add_request(request_id, text, &prompt_ids, &params);
         Ok(())
     }
 
@@ -222,7 +234,8 @@ impl LLMEngine {
         let outputs = self.core.step()?;
         let (updates, stopped) = self.processor.process(outputs);
         for id in stopped {
-            self.core.finish_request(&id, trellis_sched::FinishReason::Stop);
+            self.core
+                .finish_request(&id, trellis_sched::FinishReason::Stop);
         }
         Ok(updates)
     }
@@ -237,7 +250,10 @@ pub struct LLM {
 impl LLM {
     /// Loads the model.
     pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
-        Ok(LLM { engine: LLMEngine::new(config)?, next_id: 0 })
+        Ok(LLM {
+            engine: LLMEngine::new(config)?,
+            next_id: 0,
+        })
     }
 
     /// The engine underneath.
@@ -246,7 +262,11 @@ impl LLM {
     }
 
     /// Generates for every prompt with the same parameters; outputs come back in prompt order.
-    pub fn generate<P: Into<Prompt> + Clone>(&mut self, prompts: &[P], params: &SamplingParams) -> Result<Vec<RequestOutput>, EngineError> {
+    pub fn generate<P: Into<Prompt> + Clone>(
+        &mut self,
+        prompts: &[P],
+        params: &SamplingParams,
+    ) -> Result<Vec<RequestOutput>, EngineError> {
         let params = vec![params.clone(); prompts.len()];
         self.generate_each(prompts, &params, |_, _| {})
     }
@@ -269,7 +289,10 @@ impl LLM {
         for (prompt, p) in prompts.iter().zip(params) {
             let id = self.next_id.to_string();
             self.next_id += 1;
-            if let Err(e) = self.engine.add_request(&id, prompt.clone().into(), p.clone()) {
+            if let Err(e) = self
+                .engine
+                .add_request(&id, prompt.clone().into(), p.clone())
+            {
                 for added in &ids {
                     self.engine.abort(added);
                 }
@@ -277,7 +300,8 @@ impl LLM {
             }
             ids.push(id);
         }
-        let mut done: std::collections::HashMap<String, RequestOutput> = std::collections::HashMap::new();
+        let mut done: std::collections::HashMap<String, RequestOutput> =
+            std::collections::HashMap::new();
         while done.len() < ids.len() {
             for update in self.engine.step()? {
                 if let Some(out) = update.finished {

@@ -81,7 +81,12 @@ impl ModelRunner {
         let attn_layers = (0..c.num_layers)
             .map(|_| backend.new_layer(&spec, shape, device))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(ModelRunner { model, attn_layers, block_size, requests: HashMap::new() })
+        Ok(ModelRunner {
+            model,
+            attn_layers,
+            block_size,
+            requests: HashMap::new(),
+        })
     }
 
     /// The model.
@@ -136,10 +141,9 @@ impl ModelRunner {
                 context_len: sr.num_computed_tokens + sr.token_ids.len(),
                 block_table: sr.block_table.clone(),
             });
-            let state = self
-                .requests
-                .get(&sr.request_id)
-                .ok_or_else(|| EngineError::Internal(format!("no runner state for request {}", sr.request_id)))?;
+            let state = self.requests.get(&sr.request_id).ok_or_else(|| {
+                EngineError::Internal(format!("no runner state for request {}", sr.request_id))
+            })?;
             let first_prompt_row = logits_indices.len();
             if state.params.prompt_logprobs.is_some() {
                 let prompt_len = state.prompt_ids.len();
@@ -174,7 +178,9 @@ impl ModelRunner {
             )));
         }
         for (sr, &(first, count, sample_row)) in plan.scheduled.iter().zip(&rows) {
-            let Some(state) = self.requests.get_mut(&sr.request_id) else { continue };
+            let Some(state) = self.requests.get_mut(&sr.request_id) else {
+                continue;
+            };
             if count > 0 {
                 let k = state.params.prompt_logprobs.unwrap_or(0);
                 let mut lps = Vec::with_capacity(count);
@@ -201,7 +207,8 @@ impl ModelRunner {
             };
             let token = sample(row, &ctx, &mut state.generator);
             if let (Some(k), Some(raw)) = (raw_logprobs_k, raw) {
-                out.logprobs.insert(sr.request_id.clone(), position_logprobs(&raw, token, k));
+                out.logprobs
+                    .insert(sr.request_id.clone(), position_logprobs(&raw, token, k));
             }
             state.output_ids.push(token);
             out.sampled.sampled_token_ids.push(vec![token]);

@@ -35,7 +35,11 @@ struct Parent {
 
 /// Id of child `index` of a request (the request's own id when `n == 1`).
 pub fn child_request_id(request_id: &str, index: usize, n: usize) -> String {
-    if n == 1 { request_id.to_string() } else { format!("{index}_{request_id}") }
+    if n == 1 {
+        request_id.to_string()
+    } else {
+        format!("{index}_{request_id}")
+    }
 }
 
 /// Turns engine-core outputs into text and finished requests.
@@ -49,15 +53,28 @@ pub struct OutputProcessor {
 impl OutputProcessor {
     /// A processor decoding with `tokenizer`.
     pub fn new(tokenizer: Arc<Tokenizer>) -> Self {
-        OutputProcessor { tokenizer, parents: HashMap::new(), children: HashMap::new() }
+        OutputProcessor {
+            tokenizer,
+            parents: HashMap::new(),
+            children: HashMap::new(),
+        }
     }
 
     /// Starts tracking a request whose `n` children were added to the core.
-    pub fn add_request(&mut self, request_id: &str, prompt: Option<String>, prompt_ids: &[u32], params: &SamplingParams) {
+    pub fn add_request(
+        &mut self,
+        request_id: &str,
+        prompt: Option<String>,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+    ) {
         let n = params.n;
         let children = (0..n)
             .map(|index| {
-                self.children.insert(child_request_id(request_id, index, n), (request_id.to_string(), index));
+                self.children.insert(
+                    child_request_id(request_id, index, n),
+                    (request_id.to_string(), index),
+                );
                 Child {
                     output: CompletionOutput {
                         index,
@@ -65,8 +82,14 @@ impl OutputProcessor {
                         cumulative_logprob: params.logprobs.map(|_| 0.0),
                         ..Default::default()
                     },
-                    detokenizer: IncrementalDetokenizer::new(Some(prompt_ids), params.skip_special_tokens),
-                    stop_checker: StopChecker::new(params.stop.clone(), params.include_stop_str_in_output),
+                    detokenizer: IncrementalDetokenizer::new(
+                        Some(prompt_ids),
+                        params.skip_special_tokens,
+                    ),
+                    stop_checker: StopChecker::new(
+                        params.stop.clone(),
+                        params.include_stop_str_in_output,
+                    ),
                     emitted: 0,
                 }
             })
@@ -95,7 +118,9 @@ impl OutputProcessor {
 
     /// Ids of a request's children that are still running (for aborts).
     pub fn unfinished_children(&self, request_id: &str) -> Vec<String> {
-        let Some(p) = self.parents.get(request_id) else { return Vec::new() };
+        let Some(p) = self.parents.get(request_id) else {
+            return Vec::new();
+        };
         let n = p.children.len();
         p.children
             .iter()
@@ -109,7 +134,8 @@ impl OutputProcessor {
         if let Some(p) = self.parents.remove(request_id) {
             let n = p.children.len();
             for c in &p.children {
-                self.children.remove(&child_request_id(request_id, c.output.index, n));
+                self.children
+                    .remove(&child_request_id(request_id, c.output.index, n));
             }
         }
     }
@@ -126,15 +152,23 @@ impl OutputProcessor {
         let mut index_of: HashMap<String, usize> = HashMap::new();
         let mut stopped = Vec::new();
         for out in outputs {
-            let Some((parent_id, index)) = self.children.get(&out.request_id).cloned() else { continue };
-            let Some(parent) = self.parents.get_mut(&parent_id) else { continue };
+            let Some((parent_id, index)) = self.children.get(&out.request_id).cloned() else {
+                continue;
+            };
+            let Some(parent) = self.parents.get_mut(&parent_id) else {
+                continue;
+            };
             let u = *index_of.entry(parent_id.clone()).or_insert_with(|| {
-                updates.push(RequestUpdate { request_id: parent_id.clone(), ..Default::default() });
+                updates.push(RequestUpdate {
+                    request_id: parent_id.clone(),
+                    ..Default::default()
+                });
                 updates.len() - 1
             });
             if let Some(pl) = parent.prompt_logprobs.as_mut() {
                 pl.extend(out.prompt_logprobs.iter().cloned().map(Some));
-                if !parent.prompt_logprobs_sent && pl.len() >= parent.output.prompt_token_ids.len() {
+                if !parent.prompt_logprobs_sent && pl.len() >= parent.output.prompt_token_ids.len()
+                {
                     parent.prompt_logprobs_sent = true;
                     updates[u].prompt_logprobs = Some(pl.clone());
                 }
@@ -146,7 +180,9 @@ impl OutputProcessor {
                 parent.output.error = out.error.clone();
             }
             let want_logprobs = parent.want_logprobs;
-            let Some(child) = parent.children.get_mut(index) else { continue };
+            let Some(child) = parent.children.get_mut(index) else {
+                continue;
+            };
             if child.output.finished() {
                 continue;
             }
@@ -155,14 +191,22 @@ impl OutputProcessor {
             if out.finish_reason.is_some() {
                 delta_len += child.detokenizer.flush(tok).len();
             }
-            let check = child.stop_checker.check(child.detokenizer.output_text(), delta_len, out.finish_reason.is_some());
+            let check = child.stop_checker.check(
+                child.detokenizer.output_text(),
+                delta_len,
+                out.finish_reason.is_some(),
+            );
             child.output.token_ids.extend_from_slice(&out.new_token_ids);
             if want_logprobs {
                 if let Some(l) = child.output.logprobs.as_mut() {
                     l.extend(out.new_logprobs.iter().cloned());
                 }
                 if let Some(c) = child.output.cumulative_logprob.as_mut() {
-                    *c += out.new_logprobs.iter().map(|l| l.logprob as f64).sum::<f64>();
+                    *c += out
+                        .new_logprobs
+                        .iter()
+                        .map(|l| l.logprob as f64)
+                        .sum::<f64>();
                 }
             }
             child.output.text.push_str(&check.text);
@@ -180,7 +224,11 @@ impl OutputProcessor {
                 index,
                 text: check.text,
                 token_ids: out.new_token_ids,
-                logprobs: if want_logprobs { out.new_logprobs } else { Vec::new() },
+                logprobs: if want_logprobs {
+                    out.new_logprobs
+                } else {
+                    Vec::new()
+                },
                 finish_reason: finish,
                 stop_reason,
             });
@@ -196,7 +244,8 @@ impl OutputProcessor {
                 output.prompt_logprobs = p.prompt_logprobs;
                 output.finished = true;
                 for c in p.children {
-                    self.children.remove(&child_request_id(&update.request_id, c.output.index, n));
+                    self.children
+                        .remove(&child_request_id(&update.request_id, c.output.index, n));
                     output.outputs.push(c.output);
                 }
                 update.finished = Some(output);

@@ -28,7 +28,9 @@ impl Generator {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Generator { s: [next(), next(), next(), next()] }
+        Generator {
+            s: [next(), next(), next(), next()],
+        }
     }
 
     /// The next 64 random bits.
@@ -80,7 +82,10 @@ pub fn position_logprobs(row: &[f32], token: u32, k: usize) -> PositionLogprobs 
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
     let lse = max + sum.ln() as f32;
-    let tok_logit = row.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    let tok_logit = row
+        .get(token as usize)
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY);
     let rank = 1 + row.iter().filter(|&&l| l > tok_logit).count();
     let mut top = Vec::new();
     if k > 0 {
@@ -92,9 +97,17 @@ pub fn position_logprobs(row: &[f32], token: u32, k: usize) -> PositionLogprobs 
             idx.truncate(k);
         }
         idx.sort_by(cmp);
-        top = idx.into_iter().map(|i| (i, row[i as usize] - lse)).collect();
+        top = idx
+            .into_iter()
+            .map(|i| (i, row[i as usize] - lse))
+            .collect();
     }
-    PositionLogprobs { token_id: token, logprob: tok_logit - lse, rank, top }
+    PositionLogprobs {
+        token_id: token,
+        logprob: tok_logit - lse,
+        rank,
+        top,
+    }
 }
 
 fn apply_penalties(logits: &mut [f32], ctx: &SamplingContext<'_>) {
@@ -117,7 +130,11 @@ fn apply_penalties(logits: &mut [f32], ctx: &SamplingContext<'_>) {
             if seen.insert(tok)
                 && let Some(l) = logits.get_mut(tok as usize)
             {
-                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
             }
         }
     }
@@ -152,7 +169,10 @@ pub fn sample(logits: &mut [f32], ctx: &SamplingContext<'_>, generator: &mut Gen
         return argmax(logits);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<f32> = logits.iter().map(|&l| ((l - max) / p.temperature).exp()).collect();
+    let mut probs: Vec<f32> = logits
+        .iter()
+        .map(|&l| ((l - max) / p.temperature).exp())
+        .collect();
     // min-p: relative to the most likely token (whose weight is exp(0) = 1).
     if p.min_p > 0.0 {
         for q in probs.iter_mut() {
@@ -161,10 +181,20 @@ pub fn sample(logits: &mut [f32], ctx: &SamplingContext<'_>, generator: &mut Gen
             }
         }
     }
-    let k = if p.top_k > 0 { (p.top_k as usize).min(probs.len()) } else { probs.len() };
+    let k = if p.top_k > 0 {
+        (p.top_k as usize).min(probs.len())
+    } else {
+        probs.len()
+    };
     if k < probs.len() || p.top_p < 1.0 {
-        let mut idx: Vec<u32> = (0..probs.len() as u32).filter(|&i| probs[i as usize] > 0.0).collect();
-        let cmp = |a: &u32, b: &u32| probs[*b as usize].total_cmp(&probs[*a as usize]).then(a.cmp(b));
+        let mut idx: Vec<u32> = (0..probs.len() as u32)
+            .filter(|&i| probs[i as usize] > 0.0)
+            .collect();
+        let cmp = |a: &u32, b: &u32| {
+            probs[*b as usize]
+                .total_cmp(&probs[*a as usize])
+                .then(a.cmp(b))
+        };
         if k < idx.len() {
             idx.select_nth_unstable_by(k - 1, cmp);
             idx.truncate(k);
@@ -212,7 +242,12 @@ mod tests {
     use super::*;
 
     fn ctx<'a>(p: &'a SamplingParams, out: &'a [u32]) -> SamplingContext<'a> {
-        SamplingContext { params: p, prompt_ids: &[], output_ids: out, stop_ids: &[2] }
+        SamplingContext {
+            params: p,
+            prompt_ids: &[],
+            output_ids: out,
+            stop_ids: &[2],
+        }
     }
 
     #[test]
@@ -228,27 +263,55 @@ mod tests {
 
     #[test]
     fn penalties_follow_vllm() {
-        let p = SamplingParams { repetition_penalty: 2.0, frequency_penalty: 0.5, presence_penalty: 0.25, ..SamplingParams::greedy(1) };
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..SamplingParams::greedy(1)
+        };
         let mut row = [4.0, -1.0, 1.0];
-        apply_penalties(&mut row, &SamplingContext { params: &p, prompt_ids: &[1], output_ids: &[0, 0], stop_ids: &[] });
+        apply_penalties(
+            &mut row,
+            &SamplingContext {
+                params: &p,
+                prompt_ids: &[1],
+                output_ids: &[0, 0],
+                stop_ids: &[],
+            },
+        );
         assert_eq!(row, [4.0 / 2.0 - 1.0 - 0.25, -2.0, 1.0]);
     }
 
     #[test]
     fn seeded_sampling_repeats_and_top_k_one_is_greedy() {
-        let p = SamplingParams { temperature: 1.0, seed: Some(7), ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            ..Default::default()
+        };
         let row: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
         let draw = |seed| {
             let mut g = Generator::new(seed);
-            (0..20).map(|_| sample(&mut row.clone(), &ctx(&p, &[]), &mut g)).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| sample(&mut row.clone(), &ctx(&p, &[]), &mut g))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
-        let pk = SamplingParams { top_k: 1, ..p.clone() };
+        let pk = SamplingParams {
+            top_k: 1,
+            ..p.clone()
+        };
         let mut g = Generator::new(1);
-        assert_eq!(sample(&mut row.clone(), &ctx(&pk, &[]), &mut g), argmax(&row));
+        assert_eq!(
+            sample(&mut row.clone(), &ctx(&pk, &[]), &mut g),
+            argmax(&row)
+        );
         let pp = SamplingParams { top_p: 1e-6, ..p };
-        assert_eq!(sample(&mut row.clone(), &ctx(&pp, &[]), &mut g), argmax(&row));
+        assert_eq!(
+            sample(&mut row.clone(), &ctx(&pp, &[]), &mut g),
+            argmax(&row)
+        );
     }
 
     #[test]
@@ -257,7 +320,10 @@ mod tests {
         let lp = position_logprobs(&row, 1, 2);
         assert_eq!(lp.rank, 2);
         assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
-        let total: f32 = row.iter().map(|&l| (l - 3.0 - (1.0f32 + (-1.0f32).exp() + (-2.0f32).exp()).ln()).exp()).sum();
+        let total: f32 = row
+            .iter()
+            .map(|&l| (l - 3.0 - (1.0f32 + (-1.0f32).exp() + (-2.0f32).exp()).ln()).exp())
+            .sum();
         assert!((total - 1.0).abs() < 1e-5);
         assert!((lp.logprob - lp.top[1].1).abs() < 1e-6);
     }

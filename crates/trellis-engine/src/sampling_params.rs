@@ -92,7 +92,11 @@ pub const MAX_LOGPROBS: usize = 20;
 impl SamplingParams {
     /// Greedy decoding with the given length.
     pub fn greedy(max_tokens: usize) -> Self {
-        SamplingParams { temperature: 0.0, max_tokens: Some(max_tokens), ..Default::default() }
+        SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        }
     }
 
     /// True when sampling reduces to argmax.
@@ -106,58 +110,124 @@ impl SamplingParams {
             return bad("n", format!("n must be at least 1, got {}.", self.n));
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return bad("presence_penalty", format!("presence_penalty must be in [-2, 2], got {}.", self.presence_penalty));
+            return bad(
+                "presence_penalty",
+                format!(
+                    "presence_penalty must be in [-2, 2], got {}.",
+                    self.presence_penalty
+                ),
+            );
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return bad("frequency_penalty", format!("frequency_penalty must be in [-2, 2], got {}.", self.frequency_penalty));
+            return bad(
+                "frequency_penalty",
+                format!(
+                    "frequency_penalty must be in [-2, 2], got {}.",
+                    self.frequency_penalty
+                ),
+            );
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad("repetition_penalty", format!("repetition_penalty must be greater than zero, got {}.", self.repetition_penalty));
+            return bad(
+                "repetition_penalty",
+                format!(
+                    "repetition_penalty must be greater than zero, got {}.",
+                    self.repetition_penalty
+                ),
+            );
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad("temperature", format!("temperature must be non-negative, got {}.", self.temperature));
+            return bad(
+                "temperature",
+                format!(
+                    "temperature must be non-negative, got {}.",
+                    self.temperature
+                ),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p", format!("top_p must be in (0, 1], got {}.", self.top_p));
+            return bad(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}.", self.top_p),
+            );
         }
         if self.top_k < -1 {
-            return bad("top_k", format!("top_k must be 0 or -1 (disable), or at least 1, got {}.", self.top_k));
+            return bad(
+                "top_k",
+                format!(
+                    "top_k must be 0 or -1 (disable), or at least 1, got {}.",
+                    self.top_k
+                ),
+            );
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad("min_p", format!("min_p must be in [0, 1], got {}.", self.min_p));
+            return bad(
+                "min_p",
+                format!("min_p must be in [0, 1], got {}.", self.min_p),
+            );
         }
         if let Some(m) = self.max_tokens {
             if m < 1 {
-                return bad("max_tokens", format!("max_tokens must be at least 1, got {m}."));
+                return bad(
+                    "max_tokens",
+                    format!("max_tokens must be at least 1, got {m}."),
+                );
             }
             if self.min_tokens > m {
-                return bad("min_tokens", format!("min_tokens must be less than or equal to max_tokens={m}, got {}.", self.min_tokens));
+                return bad(
+                    "min_tokens",
+                    format!(
+                        "min_tokens must be less than or equal to max_tokens={m}, got {}.",
+                        self.min_tokens
+                    ),
+                );
             }
         }
         if let Some(k) = self.logprobs
             && k > MAX_LOGPROBS
         {
-            return bad("logprobs", format!("Requested sample logprobs of {k}, which is greater than max allowed: {MAX_LOGPROBS}"));
+            return bad(
+                "logprobs",
+                format!(
+                    "Requested sample logprobs of {k}, which is greater than max allowed: {MAX_LOGPROBS}"
+                ),
+            );
         }
         if let Some(k) = self.prompt_logprobs
             && k > MAX_LOGPROBS
         {
-            return bad("prompt_logprobs", format!("Requested prompt logprobs of {k}, which is greater than max allowed: {MAX_LOGPROBS}"));
+            return bad(
+                "prompt_logprobs",
+                format!(
+                    "Requested prompt logprobs of {k}, which is greater than max allowed: {MAX_LOGPROBS}"
+                ),
+            );
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return bad("stop", "stop strings must not be empty.".to_string());
         }
         for (&tok, &bias) in &self.logit_bias {
             if tok as usize >= vocab_size {
-                return bad("logit_bias", format!("token_id {tok} in logit_bias is out of vocabulary range [0, {vocab_size})."));
+                return bad(
+                    "logit_bias",
+                    format!(
+                        "token_id {tok} in logit_bias is out of vocabulary range [0, {vocab_size})."
+                    ),
+                );
             }
             if !bias.is_finite() {
-                return bad("logit_bias", format!("logit_bias for token {tok} must be a finite number."));
+                return bad(
+                    "logit_bias",
+                    format!("logit_bias for token {tok} must be a finite number."),
+                );
             }
         }
         for &tok in &self.stop_token_ids {
             if tok as usize >= vocab_size {
-                return bad("stop_token_ids", format!("stop token id {tok} is out of vocabulary range [0, {vocab_size})."));
+                return bad(
+                    "stop_token_ids",
+                    format!("stop token id {tok} is out of vocabulary range [0, {vocab_size})."),
+                );
             }
         }
         Ok(())

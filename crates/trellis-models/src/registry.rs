@@ -261,6 +261,25 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
 }
 
 /// Deserializes a model's `Config` from config.json; errors name the file and the field.
+///
+/// transformers 5 writes RoPE settings under `rope_parameters` (with `rope_theta` inside)
+/// instead of top-level `rope_theta` and `rope_scaling`; both spellings are accepted.
 pub fn parse_hf_config<T: DeserializeOwned>(path: &Path, json: &serde_json::Value) -> Result<T> {
-    T::deserialize(json).map_err(|e| ModelError::config(path, one_line(&e)))
+    let mut json = json.clone();
+    if let Some(obj) = json.as_object_mut()
+        && let Some(params) = obj
+            .get("rope_parameters")
+            .and_then(|p| p.as_object())
+            .cloned()
+    {
+        if !obj.contains_key("rope_theta")
+            && let Some(theta) = params.get("rope_theta")
+        {
+            obj.insert("rope_theta".into(), theta.clone());
+        }
+        if obj.get("rope_scaling").is_none_or(|v| v.is_null()) {
+            obj.insert("rope_scaling".into(), serde_json::Value::Object(params));
+        }
+    }
+    T::deserialize(&json).map_err(|e| ModelError::config(path, one_line(&e)))
 }

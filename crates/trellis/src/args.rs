@@ -229,7 +229,10 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
         Some('G') => (&t[..t.len() - 1], 1 << 30),
         _ => (t, 1),
     };
-    let v: f64 = num.trim().parse().map_err(|_| format!("not a size in bytes: {s:?} (examples: 512M, 2G, 1073741824)"))?;
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size in bytes: {s:?} (examples: 512M, 2G, 1073741824)"))?;
     if v <= 0.0 {
         return Err(format!("the size must be positive, got {s:?}"));
     }
@@ -275,9 +278,14 @@ impl SamplingArgs {
         let logit_bias: HashMap<u32, f32> = match &self.logit_bias {
             None => HashMap::new(),
             Some(s) => {
-                let raw: HashMap<String, f32> = serde_json::from_str(s).context("--logit-bias must be a JSON object of token id to bias")?;
+                let raw: HashMap<String, f32> = serde_json::from_str(s)
+                    .context("--logit-bias must be a JSON object of token id to bias")?;
                 raw.into_iter()
-                    .map(|(k, v)| k.parse::<u32>().map(|k| (k, v)).with_context(|| format!("--logit-bias key {k:?} is not a token id")))
+                    .map(|(k, v)| {
+                        k.parse::<u32>()
+                            .map(|k| (k, v))
+                            .with_context(|| format!("--logit-bias key {k:?} is not a token id"))
+                    })
                     .collect::<Result<_>>()?
             }
         };

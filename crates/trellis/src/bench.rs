@@ -16,12 +16,23 @@ fn random_prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Prompt> 
     let lo = 100.min(vocab / 2) as u64;
     let span = (vocab as u64 - lo).max(1);
     (0..n)
-        .map(|_| Prompt::Tokens((0..len).map(|_| (lo + g.next_u64() % span) as u32).collect()))
+        .map(|_| {
+            Prompt::Tokens(
+                (0..len)
+                    .map(|_| (lo + g.next_u64() % span) as u32)
+                    .collect(),
+            )
+        })
         .collect()
 }
 
 fn fixed_length(output_len: usize) -> SamplingParams {
-    SamplingParams { temperature: 0.0, ignore_eos: true, max_tokens: Some(output_len), ..Default::default() }
+    SamplingParams {
+        temperature: 0.0,
+        ignore_eos: true,
+        max_tokens: Some(output_len),
+        ..Default::default()
+    }
 }
 
 fn write_json(path: Option<&Path>, value: &serde_json::Value) -> Result<()> {
@@ -41,7 +52,11 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
     let outputs = llm.generate(&prompts, &params)?;
     let elapsed = start.elapsed().as_secs_f64();
     let prompt_tokens: usize = outputs.iter().map(|o| o.prompt_token_ids.len()).sum();
-    let output_tokens: usize = outputs.iter().flat_map(|o| &o.outputs).map(|c| c.token_ids.len()).sum();
+    let output_tokens: usize = outputs
+        .iter()
+        .flat_map(|o| &o.outputs)
+        .map(|c| c.token_ids.len())
+        .sum();
     let result = serde_json::json!({
         "elapsed_time": elapsed,
         "num_requests": outputs.len(),
@@ -66,7 +81,12 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
 
 /// Runs one batch to completion, timing each engine step; returns (total seconds, first
 /// step seconds, decode step seconds).
-fn run_batch(engine: &mut LLMEngine, prompts: &[Prompt], params: &SamplingParams, tag: &str) -> Result<(f64, f64, Vec<f64>)> {
+fn run_batch(
+    engine: &mut LLMEngine,
+    prompts: &[Prompt],
+    params: &SamplingParams,
+    tag: &str,
+) -> Result<(f64, f64, Vec<f64>)> {
     for (i, p) in prompts.iter().enumerate() {
         engine.add_request(&format!("{tag}-{i}"), p.clone(), params.clone())?;
     }
@@ -114,7 +134,13 @@ pub fn latency(args: LatencyArgs) -> Result<()> {
     let mut sorted = totals.clone();
     sorted.sort_by(f64::total_cmp);
     decode_steps.sort_by(f64::total_cmp);
-    let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
     let avg = mean(&totals);
     let step_mean = mean(&decode_steps);
     let out_tokens = (args.batch_size * args.output_len) as f64;

@@ -18,19 +18,29 @@ fn read_prompts(args: &GenerateArgs) -> Result<Vec<Prompt>> {
     let Some(path) = &args.input else {
         return Ok(args.prompt.iter().cloned().map(Prompt::Text).collect());
     };
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut prompts = Vec::new();
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line.with_context(|| format!("cannot read {}", path.display()))?;
         if line.trim().is_empty() {
             continue;
         }
-        let parsed: InputLine = serde_json::from_str(&line)
-            .with_context(|| format!("{} line {}: not a JSON object with \"prompt\" or \"prompt_token_ids\"", path.display(), i + 1))?;
+        let parsed: InputLine = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "{} line {}: not a JSON object with \"prompt\" or \"prompt_token_ids\"",
+                path.display(),
+                i + 1
+            )
+        })?;
         match (parsed.prompt, parsed.prompt_token_ids) {
             (Some(p), None) => prompts.push(Prompt::Text(p)),
             (None, Some(ids)) => prompts.push(Prompt::Tokens(ids)),
-            _ => bail!("{} line {}: give exactly one of \"prompt\" and \"prompt_token_ids\"", path.display(), i + 1),
+            _ => bail!(
+                "{} line {}: give exactly one of \"prompt\" and \"prompt_token_ids\"",
+                path.display(),
+                i + 1
+            ),
         }
     }
     if prompts.is_empty() {
@@ -57,7 +67,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut llm = LLM::new(config)?;
     let bar = if std::io::stderr().is_terminal() && prompts.len() > 1 {
         let b = ProgressBar::new(prompts.len() as u64);
-        b.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} requests [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+        b.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} requests [{elapsed_precise}]")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
         Some(b)
     } else {
         None
@@ -73,7 +86,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     match &args.output {
         Some(path) => {
-            let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+            let mut f = std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
             for o in &outputs {
                 writeln!(f, "{}", output_json(o))?;
             }
