@@ -10,7 +10,10 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
-cargo test --workspace --doc
 # The OpenAI-compatible server against the official `openai` client (python/requirements.txt).
-cargo build -p trellis
+# `--no-run` with the same selection as above is a no-op that guarantees target/debug/trellis
+# exists with the workspace's feature set (a plain `cargo build -p trellis` would rebuild deps).
+cargo test --workspace --no-run
 python3 -m pytest -q python/tests
+# The example plugins compiled into the binary (the run above loads them at run time).
+cargo test -p trellis --features example-plugins --test plugin_examples --test plugins

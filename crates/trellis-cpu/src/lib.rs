@@ -1,4 +1,7 @@
-//! # trellis-cpu — the CPU platform's attention backends
+//! # trellis-cpu — the CPU platform and its attention backends
+//!
+//! [`CpuPlatform`] is the built-in platform (always available): it detects ISA features,
+//! cores and memory, and prefers `CPU_REFERENCE`.
 //!
 //! [`CpuReferenceBackend`] (`CPU_REFERENCE`) is the simple, obviously correct paged attention
 //! that faster backends are checked against. Its KV cache is two plain `Vec<f32>` per layer
@@ -6,6 +9,10 @@
 //! textbook algorithm: write the step's keys and values into their slots, then, for every
 //! new token, a softmax over its own sequence's cached keys gathered through the block table.
 
+pub mod platform;
 pub mod reference;
 
+pub use platform::{
+    CPU_PLATFORM_NAME, CpuFeatures, CpuPlatform, cpu_platform, register_cpu_attention_backends,
+};
 pub use reference::{CpuReferenceAttention, CpuReferenceBackend, cpu_reference_backend};

@@ -147,21 +147,32 @@ impl AsyncLLM {
     /// Loads the model on a new engine thread and starts its loop. Blocks while loading (call
     /// it from `spawn_blocking` inside a runtime if that matters).
     pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
+        Self::with_registries(config, crate::platform_setup::builtin_registries())
+    }
+
+    /// [`Self::new`] with registries that plugins added to (see
+    /// [`LLMEngine::with_registries`]).
+    pub fn with_registries(
+        config: EngineConfig,
+        registries: trellis_plugin::Registries,
+    ) -> Result<Self, EngineError> {
         let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
         let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("trellis-engine".into())
-            .spawn(move || match LLMEngine::new(config) {
-                Ok(engine) => {
-                    let facts = (engine.config().clone(), engine.tokenizer().clone());
-                    if ready_tx.send(Ok(facts)).is_ok() {
-                        EngineLoop::new(engine).run(cmd_rx);
+            .spawn(
+                move || match LLMEngine::with_registries(config, &registries) {
+                    Ok(engine) => {
+                        let facts = (engine.config().clone(), engine.tokenizer().clone());
+                        if ready_tx.send(Ok(facts)).is_ok() {
+                            EngineLoop::new(engine).run(cmd_rx);
+                        }
                     }
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            })
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                },
+            )
             .map_err(|e| EngineError::Internal(format!("cannot start the engine thread: {e}")))?;
         let (config, tokenizer) = match ready_rx.recv() {
             Ok(r) => r?,

@@ -44,6 +44,9 @@ pub struct EngineConfig {
     pub seed: u64,
     /// Offline or server defaults.
     pub usage: UsageContext,
+    /// Attention backend by registry name (`--attention-backend`, case-insensitive); `None` or
+    /// `auto` chooses automatically from the platform's priority list.
+    pub attention_backend: Option<String>,
 }
 
 impl EngineConfig {
@@ -61,6 +64,7 @@ impl EngineConfig {
             scheduling_policy: SchedulingPolicy::Fcfs,
             seed: 0,
             usage: UsageContext::Offline,
+            attention_backend: None,
         }
     }
 

@@ -14,6 +14,9 @@ pub enum EngineError {
     /// Loading the model failed.
     #[error(transparent)]
     Model(#[from] trellis_models::ModelError),
+    /// Platform resolution or attention-backend selection failed.
+    #[error(transparent)]
+    Plugin(#[from] trellis_plugin::PluginError),
     /// Building or using the tokenizer failed.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),

@@ -2,9 +2,8 @@
 
 use std::sync::Arc;
 
-use candle_core::Device;
-use trellis_models::{WeightFormat, load_model};
-use trellis_plugin::ModelConfig;
+use trellis_models::WeightFormat;
+use trellis_plugin::{ModelConfig, Registries};
 use trellis_sched::{Scheduler, SchedulerConfig};
 
 use crate::config::{EngineConfig, UsageContext};
@@ -13,6 +12,7 @@ use crate::error::EngineError;
 use crate::model_runner::ModelRunner;
 use crate::output_processor::{OutputProcessor, child_request_id};
 use crate::outputs::{RequestOutput, RequestUpdate};
+use crate::platform_setup::{builtin_registries, setup};
 use crate::sampler::Generator;
 use crate::sampling_params::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -55,6 +55,8 @@ pub struct ResolvedConfig {
     pub model: ModelConfig,
     /// Name of the attention backend in use.
     pub attention_backend: String,
+    /// Device name of the platform the engine runs on.
+    pub platform: String,
 }
 
 /// The engine: tokenizer, engine core and output processor, driven step by step.
@@ -67,16 +69,26 @@ pub struct LLMEngine {
 }
 
 impl LLMEngine {
-    /// Loads the model and tokenizer and sizes the KV cache.
+    /// Loads the model and tokenizer and sizes the KV cache, with the built-in registries.
     pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
-        let device = Device::Cpu;
-        let loaded = load_model(&config.model, &device)?;
+        Self::with_registries(config, &builtin_registries())
+    }
+
+    /// [`Self::new`] with registries that plugins added to: the platform is resolved from
+    /// them and has the last word on the configuration, the model comes from their model
+    /// registry and the attention backend from their attention registry.
+    pub fn with_registries(
+        config: EngineConfig,
+        registries: &Registries,
+    ) -> Result<Self, EngineError> {
+        let setup = setup(&config, registries)?;
+        let (device, loaded, pc) = (setup.device, setup.loaded, setup.platform_config);
         let tokenizer = match loaded.format {
             WeightFormat::Gguf => Tokenizer::from_gguf(&config.model)?,
             _ => Tokenizer::from_hf_dir(&config.model)?,
         };
         let model_cfg = loaded.model.config().clone();
-        let max_model_len = match config.max_model_len {
+        let max_model_len = match pc.max_model_len {
             Some(m) if m > model_cfg.max_position_embeddings => {
                 return Err(EngineError::Config(format!(
                     "max_model_len {m} is larger than the model's context length {}",
@@ -86,7 +98,7 @@ impl LLMEngine {
             Some(m) => m,
             None => model_cfg.max_position_embeddings,
         };
-        let block_size = config.block_size;
+        let block_size = pc.block_size;
         if block_size == 0 {
             return Err(EngineError::Config("block_size must be at least 1".into()));
         }
@@ -94,7 +106,7 @@ impl LLMEngine {
             2 * model_cfg.num_layers * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * 4;
         let num_blocks = match config.num_kv_blocks {
             Some(n) => n,
-            None => config.kv_cache_bytes().map_err(EngineError::Config)? / bytes_per_block.max(1),
+            None => pc.kv_cache_bytes / bytes_per_block.max(1),
         };
         if num_blocks == 0 {
             return Err(EngineError::Config(format!(
@@ -108,14 +120,14 @@ impl LLMEngine {
         sched_cfg.block_size = block_size;
         sched_cfg.enable_prefix_caching = config.enable_prefix_caching;
         sched_cfg.policy = config.scheduling_policy;
-        if let Some(n) = config.max_num_seqs {
+        if let Some(n) = pc.max_num_seqs {
             sched_cfg.max_num_seqs = n;
         }
-        if let Some(n) = config.max_num_batched_tokens {
+        if let Some(n) = pc.max_num_batched_tokens {
             sched_cfg.max_num_batched_tokens = n;
         }
         let scheduler = Scheduler::new(sched_cfg.clone())?;
-        let backend = trellis_cpu::cpu_reference_backend();
+        let backend = setup.attention.backend;
         let runner = ModelRunner::new(
             loaded.model,
             backend.as_ref(),
@@ -133,7 +145,8 @@ impl LLMEngine {
                 engine: config,
                 scheduler: sched_cfg,
                 model: model_cfg,
-                attention_backend: backend.name().to_string(),
+                attention_backend: setup.attention.name,
+                platform: setup.platform.device_name().to_string(),
             },
             seeds,
         })
@@ -248,10 +261,19 @@ pub struct LLM {
 }
 
 impl LLM {
-    /// Loads the model.
+    /// Loads the model (built-in registries).
     pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
+        Self::with_registries(config, &builtin_registries())
+    }
+
+    /// Loads the model with registries that plugins added to (see
+    /// [`LLMEngine::with_registries`]).
+    pub fn with_registries(
+        config: EngineConfig,
+        registries: &Registries,
+    ) -> Result<Self, EngineError> {
         Ok(LLM {
-            engine: LLMEngine::new(config)?,
+            engine: LLMEngine::with_registries(config, registries)?,
             next_id: 0,
         })
     }

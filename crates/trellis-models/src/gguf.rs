@@ -5,20 +5,20 @@
 //! so this source asks for [`RopeStyle::Interleaved`]; attention scores are unchanged because
 //! queries and keys share the permutation.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 use indicatif::ProgressBar;
 
 use crate::error::{ModelError, Result, one_line};
-use crate::layers::RopeStyle;
-use crate::weights::{WeightSource, progress_bar};
+use crate::weights::progress_bar;
+pub use trellis_plugin::weights::GgufMetadata;
+use trellis_plugin::weights::{RopeStyle, WeightSource};
 
 /// The four bytes every GGUF file starts with.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
@@ -78,87 +78,6 @@ fn truncation(msg: String) -> String {
     match msg.contains("failed to fill whole buffer") {
         true => "file is truncated (unexpected end of file)".to_string(),
         false => msg,
-    }
-}
-
-/// Typed access to GGUF metadata; errors name the file and the key.
-#[derive(Debug, Clone, Copy)]
-pub struct GgufMetadata<'a> {
-    /// The GGUF file.
-    pub path: &'a Path,
-    /// Its key/value metadata.
-    pub values: &'a HashMap<String, Value>,
-}
-
-impl<'a> GgufMetadata<'a> {
-    fn get(&self, key: &str) -> Result<&'a Value> {
-        self.values.get(key).ok_or_else(|| {
-            ModelError::config(self.path, format!("GGUF metadata key {key} is missing"))
-        })
-    }
-
-    fn bad(&self, key: &str, e: candle_core::Error) -> ModelError {
-        ModelError::config(
-            self.path,
-            format!("GGUF metadata key {key}: {}", one_line(&e)),
-        )
-    }
-
-    /// An unsigned integer value (any integer width).
-    pub fn usize(&self, key: &str) -> Result<usize> {
-        let v = self.get(key)?;
-        let n = match v {
-            Value::U8(x) => *x as u64,
-            Value::U16(x) => *x as u64,
-            Value::U32(x) => *x as u64,
-            Value::U64(x) => *x,
-            Value::I8(_) | Value::I16(_) | Value::I32(_) | Value::I64(_) => {
-                let x = v
-                    .to_i64()
-                    .or_else(|_| v.to_i32().map(i64::from))
-                    .map_err(|e| self.bad(key, e))?;
-                u64::try_from(x).map_err(|_| {
-                    ModelError::config(self.path, format!("GGUF metadata key {key} is negative"))
-                })?
-            }
-            _ => {
-                return Err(ModelError::config(
-                    self.path,
-                    format!("GGUF metadata key {key} is not an integer"),
-                ));
-            }
-        };
-        usize::try_from(n).map_err(|_| {
-            ModelError::config(self.path, format!("GGUF metadata key {key} is too large"))
-        })
-    }
-
-    /// A float value (f32 or f64).
-    pub fn f64(&self, key: &str) -> Result<f64> {
-        match self.get(key)? {
-            Value::F32(x) => Ok(*x as f64),
-            Value::F64(x) => Ok(*x),
-            v => v.to_f32().map(f64::from).map_err(|e| self.bad(key, e)),
-        }
-    }
-
-    /// A string value.
-    pub fn string(&self, key: &str) -> Result<&'a str> {
-        let v = self.get(key)?;
-        v.to_string()
-            .map(String::as_str)
-            .map_err(|e| self.bad(key, e))
-    }
-
-    /// The length of an array value.
-    pub fn array_len(&self, key: &str) -> Result<usize> {
-        let v = self.get(key)?;
-        v.to_vec().map(Vec::len).map_err(|e| self.bad(key, e))
-    }
-
-    /// Whether `key` is present.
-    pub fn contains(&self, key: &str) -> bool {
-        self.values.contains_key(key)
     }
 }
 

@@ -148,15 +148,7 @@ impl RmsNorm {
     }
 }
 
-/// Which elements of a head RoPE rotates together; it must match the q/k row order of the
-/// weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeStyle {
-    /// Pairs `(2i, 2i+1)`: llama.cpp / GGUF order (candle's `rope_i`).
-    Interleaved,
-    /// Pairs `(i, i + d/2)`: Hugging Face order (candle's `rope`).
-    HalfSplit,
-}
+pub use trellis_plugin::weights::RopeStyle;
 
 /// `rope_scaling` of a Hugging Face config (`rope_type`, or the older `type`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

@@ -6,7 +6,8 @@
 //! hands them to the paged attention backend in the `ForwardContext`; finally the LM head runs
 //! on the rows in `logits_indices` only.
 //!
-//! Loading: [`load_model`] (or [`ModelRegistry::load`]) tells a GGUF file from a Hugging Face
+//! Loading: [`load_model`] (or [`load_model_with`] and a [`ModelRegistry`] that plugins added
+//! to) tells a GGUF file from a Hugging Face
 //! directory, reads the architecture (`general.architecture` or config.json `architectures`),
 //! and calls the registered factory with a [`WeightSource`] that serves tensors by their
 //! Hugging Face names. Model files never know the weight format; the source decides the
@@ -25,7 +26,8 @@ pub mod weights;
 pub use error::ModelError;
 pub use gguf::GgufSource;
 pub use registry::{
-    LoadedModel, ModelConfigSource, ModelFactory, ModelLoadContext, ModelRegistry, WeightFormat,
-    load_model, register_builtin_models,
+    LazyModelFactory, LoadedModel, ModelConfigSource, ModelFactory, ModelLoadContext,
+    ModelRegistry, WeightFormat, builtin_model_registry, load_model, load_model_with,
+    register_builtin_models,
 };
 pub use weights::{SafetensorsSource, WeightSource};

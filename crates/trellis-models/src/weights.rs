@@ -13,28 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{ModelError, Result, one_line};
-use crate::layers::RopeStyle;
-
-/// A store of named weights, asked for by Hugging Face tensor names.
-pub trait WeightSource {
-    /// The file or directory the weights come from (for error messages).
-    fn path(&self) -> &Path;
-
-    /// The device tensors are loaded onto.
-    fn device(&self) -> &Device;
-
-    /// Whether the tensor `name` exists.
-    fn contains(&self, name: &str) -> bool;
-
-    /// Loads `name` as a dense f32 tensor (dequantized if needed).
-    fn tensor(&self, name: &str) -> Result<Tensor>;
-
-    /// Loads the matrix `name` (`[out, in]`) for a matmul, kept quantized when stored so.
-    fn matmul(&self, name: &str) -> Result<QMatMul>;
-
-    /// The RoPE variant that matches this source's q/k row order.
-    fn rope_style(&self) -> RopeStyle;
-}
+pub use trellis_plugin::weights::{RopeStyle, WeightSource};
 
 /// A progress bar over the tensors of a model, drawn only when stderr is a terminal.
 pub(crate) fn progress_bar(len: usize) -> ProgressBar {

@@ -80,6 +80,38 @@ pub struct AttentionShape {
     pub scale: f32,
 }
 
+/// What the attention selector checks a backend against (vLLM's `AttentionSelectorConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionSelectorConfig {
+    /// Size of one head.
+    pub head_size: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Compute dtype of queries, keys and values.
+    pub dtype: DType,
+    /// Element type of the KV cache.
+    pub kv_cache_dtype: DType,
+    /// Tokens per KV block, only when the user chose it (`--block-size`), as in vLLM.
+    pub block_size: Option<usize>,
+}
+
+impl std::fmt::Display for AttentionSelectorConfig {
+    /// vLLM's repr: `AttentionSelectorConfig(head_size=64, dtype=F32, ...)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bs = self
+            .block_size
+            .map_or("None".to_string(), |b| b.to_string());
+        write!(
+            f,
+            "AttentionSelectorConfig(head_size={}, num_heads={}, num_kv_heads={}, dtype={:?}, \
+             kv_cache_dtype={:?}, block_size={bs})",
+            self.head_size, self.num_heads, self.num_kv_heads, self.dtype, self.kv_cache_dtype
+        )
+    }
+}
+
 /// One layer's attention together with its share of the paged KV cache.
 pub trait AttentionImpl: Send {
     /// Writes `key`/`value` (`[num_tokens, num_kv_heads, head_dim]`) into their slots, then
@@ -104,14 +136,47 @@ pub trait AttentionBackend: Send + Sync {
         Vec::new()
     }
 
+    /// Compute dtypes (of queries, keys and values) this backend accepts.
+    fn supported_dtypes(&self) -> Vec<DType> {
+        vec![DType::F32]
+    }
+
     /// KV-cache dtypes this backend stores.
     fn supported_kv_cache_dtypes(&self) -> Vec<DType> {
         vec![DType::F32]
     }
 
-    /// Block sizes this backend accepts; empty means any.
+    /// Kernel block sizes; a block size is accepted when it is a multiple of one of them
+    /// (vLLM's `get_supported_kernel_block_sizes`). Empty means any.
     fn supported_block_sizes(&self) -> Vec<usize> {
         Vec::new()
+    }
+
+    /// Why this backend cannot serve `config`, with vLLM's reason strings ("head_size not
+    /// supported", "dtype not supported", "kv_cache_dtype not supported", "block_size not
+    /// supported"); empty means it can. Override to add reasons of your own.
+    fn validate_configuration(&self, config: &AttentionSelectorConfig) -> Vec<String> {
+        let mut reasons = Vec::new();
+        let heads = self.supported_head_sizes();
+        if !heads.is_empty() && !heads.contains(&config.head_size) {
+            reasons.push("head_size not supported".to_string());
+        }
+        if !self.supported_dtypes().contains(&config.dtype) {
+            reasons.push("dtype not supported".to_string());
+        }
+        if !self
+            .supported_kv_cache_dtypes()
+            .contains(&config.kv_cache_dtype)
+        {
+            reasons.push("kv_cache_dtype not supported".to_string());
+        }
+        if let Some(bs) = config.block_size {
+            let bases = self.supported_block_sizes();
+            if bs == 0 || !(bases.is_empty() || bases.iter().any(|&b| b > 0 && bs % b == 0)) {
+                reasons.push("block_size not supported".to_string());
+            }
+        }
+        reasons
     }
 
     /// Allocates one layer's KV cache and the object that computes its attention.

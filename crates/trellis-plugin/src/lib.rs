@@ -5,10 +5,54 @@
 //! types that cross them.
 
 pub mod attention;
+pub mod attention_registry;
+pub mod error;
 pub mod model;
+pub mod model_registry;
+pub mod platform;
+pub mod registries;
+pub mod weights;
 
 pub use attention::{
-    AttentionBackend, AttentionImpl, AttentionMetadata, AttentionShape, KvCacheSpec,
-    SeqAttentionMetadata,
+    AttentionBackend, AttentionImpl, AttentionMetadata, AttentionSelectorConfig, AttentionShape,
+    KvCacheSpec, SeqAttentionMetadata,
 };
+pub use attention_registry::{AttentionBackendRegistry, AttentionSelection};
+pub use error::{ModelError, PluginError};
 pub use model::{ForwardContext, Model, ModelConfig};
+pub use model_registry::{
+    LazyModelFactory, ModelConfigSource, ModelFactory, ModelLoadContext, ModelRegistry,
+};
+pub use platform::{
+    Communicator, NamedPlatform, Platform, PlatformConfig, SingleProcessCommunicator,
+    resolve_platform, resolve_platform_with,
+};
+pub use registries::Registries;
+pub use weights::{GgufMetadata, RopeStyle, WeightSource};
+
+// Plugin loading (groups, declarations, registrar, discovery, fingerprints): see
+// docs/plugins.md.
+pub mod declare;
+pub mod fingerprint;
+pub mod group;
+pub mod loader;
+pub mod manifest;
+pub mod registrar;
+pub mod report;
+
+pub use declare::{PlatformFn, PluginDecl, PluginEntry, RegisterFn, compiled_in_plugins};
+pub use fingerprint::{BUILD_FINGERPRINT, set_host_cargo_lock};
+pub use group::PluginGroup;
+pub use loader::{
+    AllowList, DiscoveredPlugin, LoadedPlugin, PluginLoadError, PluginOrigin, discover_plugins,
+    load_general_plugins, load_platform_plugins, load_plugins_by_group,
+};
+pub use registrar::{RegisterResult, Registrar};
+pub use report::{PluginReport, PluginStatus, plugin_reports};
+
+/// What [`declare_plugin!`] expands to; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::declare::{LibraryCall, fingerprint_ptr, serve_library_call};
+    pub use inventory;
+}

@@ -24,6 +24,26 @@ pub enum Command {
     /// Benchmarks (vLLM's `vllm bench`).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Plugins: list what is discovered, build and install a plugin crate.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginsCommand {
+    /// Every discovered plugin: groups, compiled in or from which folder, and its status.
+    List,
+    /// Build a plugin crate (cdylib) against this trellis and install it into the plugin
+    /// directory (first entry of TRELLIS_PLUGIN_PATH, else ~/.local/share/trellis/plugins).
+    Build {
+        /// The plugin crate's directory.
+        path: PathBuf,
+        /// Build with the dev profile (`cargo build`, no `--release`): faster to compile, and
+        /// with CARGO_TARGET_DIR pointing at an existing target directory already-built
+        /// dependencies are reused. The fingerprint does not depend on the profile.
+        #[arg(long)]
+        debug: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +86,11 @@ pub struct EngineArgs {
     /// Seed for requests that do not set their own.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Attention backend by name (case-insensitive, e.g. CPU_REFERENCE, or one a plugin
+    /// registered), or `auto` to let the platform choose. The deprecated
+    /// VLLM_ATTENTION_BACKEND is read when this flag is absent.
+    #[arg(long, value_name = "NAME|auto")]
+    pub attention_backend: Option<String>,
 }
 
 /// Sampling flags (vLLM's `SamplingParams`).
@@ -269,6 +294,7 @@ impl EngineArgs {
         c.kv_cache_memory = self.kv_cache_memory;
         c.enable_prefix_caching = !self.no_enable_prefix_caching;
         c.seed = self.seed;
+        c.attention_backend = self.attention_backend.clone();
         Ok(c)
     }
 }

@@ -44,7 +44,7 @@ fn write_json(path: Option<&Path>, value: &serde_json::Value) -> Result<()> {
 
 pub fn throughput(args: ThroughputArgs) -> Result<()> {
     let config = args.engine.to_config()?;
-    let mut llm = LLM::new(config)?;
+    let mut llm = LLM::with_registries(config, &crate::platforms::engine_registries()?)?;
     let vocab = llm.engine().config().model.vocab_size;
     let prompts = random_prompts(args.num_prompts, args.input_len, vocab, 0);
     let params = fixed_length(args.output_len);
@@ -112,7 +112,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 pub fn latency(args: LatencyArgs) -> Result<()> {
     let config = args.engine.to_config()?;
-    let mut llm = LLM::new(config)?;
+    let mut llm = LLM::with_registries(config, &crate::platforms::engine_registries()?)?;
     let engine = llm.engine();
     let vocab = engine.config().model.vocab_size;
     let params = fixed_length(args.output_len);

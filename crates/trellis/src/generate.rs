@@ -64,7 +64,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let config = args.engine.to_config()?;
     let params = args.sampling.to_params()?;
     let prompts = read_prompts(&args)?;
-    let mut llm = LLM::new(config)?;
+    let mut llm = LLM::with_registries(config, &crate::platforms::engine_registries()?)?;
     let bar = if std::io::stderr().is_terminal() && prompts.len() > 1 {
         let b = ProgressBar::new(prompts.len() as u64);
         b.set_style(

@@ -3,21 +3,34 @@
 mod args;
 mod bench;
 mod generate;
+mod platforms;
+mod plugins;
 mod serve;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use args::{BenchCommand, Cli, Command};
+use args::{BenchCommand, Cli, Command, PluginsCommand};
+
+// Compiled-in example plugins: naming the crate makes the linker keep its registrations.
+#[cfg(feature = "example-plugins")]
+use custom_attention as _;
+#[cfg(feature = "example-plugins")]
+use dummy_model as _;
+#[cfg(feature = "example-plugins")]
+use dummy_platform as _;
 
 fn main() -> ExitCode {
+    trellis_plugin::set_host_cargo_lock(plugins::HOST_CARGO_LOCK);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Serve(a) => serve::run(*a),
         Command::Bench(BenchCommand::Throughput(a)) => bench::throughput(a),
         Command::Bench(BenchCommand::Latency(a)) => bench::latency(a),
+        Command::Plugins(PluginsCommand::List) => plugins::list(),
+        Command::Plugins(PluginsCommand::Build { path, debug }) => plugins::build(&path, debug),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

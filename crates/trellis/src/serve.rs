@@ -51,8 +51,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ),
         None => None,
     };
-    let engine =
-        Arc::new(AsyncLLM::new(config).with_context(|| format!("cannot load {model_path}"))?);
+    let registries = crate::platforms::engine_registries()?;
+    let engine = Arc::new(
+        AsyncLLM::with_registries(config, registries)
+            .with_context(|| format!("cannot load {model_path}"))?,
+    );
     let mut server = ServerConfig::new(served_name.clone(), model_path);
     server.api_key = args.api_key.clone().filter(|k| !k.is_empty());
     server.chat_template = chat_template;

@@ -1,0 +1,134 @@
+//! Engine start-up against the registries: the platform is resolved, has the last word on the
+//! configuration, the model is loaded through the model registry, and the attention backend
+//! is chosen by the platform from the attention registry. Each decision is logged on stderr,
+//! one line each ("Platform: ...", "Using attention backend ...").
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use trellis_models::{LoadedModel, load_model_with};
+use trellis_plugin::attention_registry::requested_backend;
+use trellis_plugin::platform::resolve_platform_with;
+use trellis_plugin::{
+    AttentionSelection, AttentionSelectorConfig, NamedPlatform, Platform, PlatformConfig,
+    Registries,
+};
+
+use crate::config::EngineConfig;
+use crate::error::EngineError;
+
+/// The registries with everything built into Trellis: the built-in model architectures, the
+/// CPU attention backends, and the CPU platform. Plugins add to a copy of it.
+pub fn builtin_registries() -> Registries {
+    let mut r = Registries::new();
+    trellis_models::register_builtin_models(&mut r.models);
+    if let Err(e) = trellis_cpu::register_cpu_attention_backends(&mut r.attention_backends) {
+        eprintln!("trellis: cannot register the CPU attention backends: {e}");
+    }
+    r.builtin_platforms.push((
+        trellis_cpu::CPU_PLATFORM_NAME.to_string(),
+        trellis_cpu::cpu_platform(),
+    ));
+    r
+}
+
+/// Logs one line on stderr.
+pub(crate) fn log(line: &str) {
+    eprintln!("trellis: {line}");
+}
+
+/// What start-up decided before the KV cache is sized.
+pub(crate) struct Setup {
+    /// The platform the engine runs on.
+    pub platform: Arc<dyn Platform>,
+    /// The configuration after the platform's last word.
+    pub platform_config: PlatformConfig,
+    /// The device tensors live on.
+    pub device: Device,
+    /// The loaded model.
+    pub loaded: LoadedModel,
+    /// The attention backend chosen.
+    pub attention: AttentionSelection,
+}
+
+/// The platform by vLLM's rules; the CPU platform is added to the built-ins when missing.
+fn resolve(registries: &Registries) -> Result<Arc<dyn Platform>, EngineError> {
+    let mut builtins: Vec<NamedPlatform> = registries.builtin_platforms.clone();
+    if !builtins.iter().any(|(_, p)| p.is_cpu()) {
+        builtins.push((
+            trellis_cpu::CPU_PLATFORM_NAME.to_string(),
+            trellis_cpu::cpu_platform(),
+        ));
+    }
+    let target = std::env::var("VLLM_TARGET_DEVICE").ok();
+    let (name, platform) =
+        resolve_platform_with(target.as_deref(), &builtins, &registries.platforms)?;
+    if registries.platforms.iter().any(|(n, _)| *n == name) {
+        log(&format!("Platform plugin {name} is activated"));
+    }
+    log(&format!(
+        "Platform: {} ({})",
+        platform.device_name(),
+        platform.describe()
+    ));
+    Ok(platform)
+}
+
+/// Runs start-up: platform, configuration, model, attention backend.
+pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Setup, EngineError> {
+    let platform = resolve(registries)?;
+    let env = std::env::var("VLLM_ATTENTION_BACKEND").ok();
+    let (requested, warning) =
+        requested_backend(config.attention_backend.as_deref(), env.as_deref());
+    if let Some(w) = warning {
+        log(&format!("WARNING {w}"));
+    }
+    // Unknown names fail before the model is loaded.
+    let requested = registries
+        .attention_backends
+        .parse_choice(requested.as_deref())?;
+    let mut pc = PlatformConfig {
+        block_size: config.block_size,
+        kv_cache_bytes: config.kv_cache_bytes().map_err(EngineError::Config)?,
+        attention_backend: requested,
+        dtype: DType::F32,
+        kv_cache_dtype: DType::F32,
+        max_num_seqs: config.max_num_seqs,
+        max_num_batched_tokens: config.max_num_batched_tokens,
+        max_model_len: config.max_model_len,
+        quantization: None,
+        warnings: Vec::new(),
+    };
+    platform.check_and_update_config(&mut pc)?;
+    for w in std::mem::take(&mut pc.warnings) {
+        log(&format!("WARNING {w}"));
+    }
+    platform.seed_everything(config.seed);
+    let device = platform.device()?;
+    let loaded = load_model_with(&registries.models, &config.model, &device)?;
+    let m = loaded.model.config();
+    let selector = AttentionSelectorConfig {
+        head_size: m.head_dim,
+        num_heads: m.num_heads,
+        num_kv_heads: m.num_kv_heads,
+        dtype: pc.dtype,
+        kv_cache_dtype: pc.kv_cache_dtype,
+        block_size: Some(pc.block_size),
+    };
+    let attention = platform.get_attn_backend(
+        pc.attention_backend.as_deref(),
+        &selector,
+        &registries.attention_backends,
+    )?;
+    log(&format!(
+        "Using attention backend {} ({})",
+        attention.name, attention.reason
+    ));
+    Ok(Setup {
+        platform,
+        platform_config: pc,
+        device,
+        loaded,
+        attention,
+    })
+}

@@ -1,0 +1,187 @@
+//! The engine built from registries that "plugins" added to (spec §2.6, §3.6, §4.5 where
+//! they apply): an out-of-tree platform wins and chooses its backend, a new attention backend
+//! is chosen by name and matches CPU_REFERENCE, unknown or unfit choices fail with vLLM's
+//! texts, and a lazily registered model factory runs only when its architecture is loaded.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{Device, Result as CResult};
+use trellis_engine::{
+    EngineConfig, LLM, LLMEngine, Registries, SamplingParams, builtin_registries,
+};
+use trellis_plugin::{
+    AttentionBackend, AttentionImpl, AttentionShape, KvCacheSpec, ModelFactory, Platform,
+};
+
+fn config() -> EngineConfig {
+    let mut c = EngineConfig::new(common::model_path());
+    c.max_model_len = Some(256);
+    c.num_kv_blocks = Some(32);
+    c
+}
+
+/// A backend under a new name that delegates to CPU_REFERENCE.
+struct Renamed;
+
+impl AttentionBackend for Renamed {
+    fn name(&self) -> &str {
+        "MY_ATTN"
+    }
+    fn new_layer(
+        &self,
+        spec: &KvCacheSpec,
+        shape: AttentionShape,
+        device: &Device,
+    ) -> CResult<Box<dyn AttentionImpl>> {
+        trellis_cpu::cpu_reference_backend().new_layer(spec, shape, device)
+    }
+}
+
+/// A backend that supports only head size 128 (the model's is 64).
+struct Only128;
+
+impl AttentionBackend for Only128 {
+    fn name(&self) -> &str {
+        "ONLY_128"
+    }
+    fn supported_head_sizes(&self) -> Vec<usize> {
+        vec![128]
+    }
+    fn new_layer(
+        &self,
+        spec: &KvCacheSpec,
+        shape: AttentionShape,
+        device: &Device,
+    ) -> CResult<Box<dyn AttentionImpl>> {
+        trellis_cpu::cpu_reference_backend().new_layer(spec, shape, device)
+    }
+}
+
+/// vLLM's dummy platform: its own device name, and its own attention backend first.
+struct DummyPlatform;
+
+impl Platform for DummyPlatform {
+    fn device_name(&self) -> &str {
+        "DummyDevice"
+    }
+    fn device_type(&self) -> &str {
+        "privateuseone"
+    }
+    fn attention_backend_priority(&self) -> Vec<String> {
+        vec!["MY_ATTN".into(), "CPU_REFERENCE".into()]
+    }
+}
+
+fn greedy_tokens(llm: &mut LLM) -> Vec<u32> {
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(5)
+    };
+    let out = llm
+        .generate(&["The capital of France is"], &params)
+        .expect("generates");
+    out[0].outputs[0].token_ids.clone()
+}
+
+fn engine_err(config: EngineConfig, regs: &Registries) -> String {
+    match LLMEngine::with_registries(config, regs) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn builtins_run_on_cpu_with_cpu_reference() {
+    let engine = LLMEngine::with_registries(config(), &builtin_registries()).expect("loads");
+    assert_eq!(engine.config().platform, "cpu");
+    assert_eq!(engine.config().attention_backend, "CPU_REFERENCE");
+}
+
+#[test]
+fn new_backend_chosen_by_name_matches_cpu_reference_and_oot_platform_wins() {
+    let mut regs = builtin_registries();
+    regs.register_attention_backend("my_attn", Arc::new(Renamed))
+        .expect("registers");
+    let want = greedy_tokens(&mut LLM::with_registries(config(), &regs).expect("loads"));
+
+    let mut c = config();
+    c.attention_backend = Some("My_Attn".into());
+    let mut llm = LLM::with_registries(c, &regs).expect("loads");
+    assert_eq!(llm.engine().config().attention_backend, "MY_ATTN");
+    assert_eq!(greedy_tokens(&mut llm), want);
+
+    // An activated out-of-tree platform wins over the CPU and picks its own backend.
+    regs.register_platform("dummy_platform_plugin", Arc::new(DummyPlatform));
+    let engine = LLMEngine::with_registries(config(), &regs).expect("loads");
+    assert_eq!(engine.config().platform, "DummyDevice");
+    assert_eq!(engine.config().attention_backend, "MY_ATTN");
+
+    regs.register_platform("second_platform", Arc::new(DummyPlatform));
+    assert_eq!(
+        engine_err(config(), &regs),
+        "Only one platform plugin can be activated, but got: \
+         ['dummy_platform_plugin', 'second_platform']"
+    );
+}
+
+#[test]
+fn unknown_custom_and_unfit_choices_fail_with_vllm_texts() {
+    let mut regs = builtin_registries();
+    regs.register_attention_backend("ONLY_128", Arc::new(Only128))
+        .expect("registers");
+    let with = |name: &str| {
+        let mut c = config();
+        c.attention_backend = Some(name.into());
+        c
+    };
+    assert_eq!(
+        engine_err(with("INVALID"), &regs),
+        "Unknown attention backend: 'INVALID'. Valid options are: CUSTOM, CPU_REFERENCE, ONLY_128"
+    );
+    assert!(
+        engine_err(with("custom"), &regs)
+            .starts_with("Backend CUSTOM must be registered before use.")
+    );
+    assert_eq!(
+        engine_err(with("only_128"), &regs),
+        "Selected backend ONLY_128 is not valid for this configuration. \
+         Reason: ['head_size not supported']"
+    );
+    // `auto` on the CPU never picks it: CPU_REFERENCE heads the CPU's priority list.
+    let engine = LLMEngine::with_registries(with("AUTO"), &regs).expect("loads");
+    assert_eq!(engine.config().attention_backend, "CPU_REFERENCE");
+}
+
+#[test]
+fn lazy_model_factory_runs_only_when_its_architecture_is_loaded() {
+    static MADE: AtomicUsize = AtomicUsize::new(0);
+    static BUILT: AtomicUsize = AtomicUsize::new(0);
+    let builtin = builtin_registries()
+        .models
+        .get("LlamaForCausalLM")
+        .expect("llama is built in");
+    let mut regs = builtin_registries();
+    // Wraps the built-in (as vLLM's dummy model subclasses the Llama class).
+    regs.register_model_lazy("LlamaForCausalLM", move || {
+        MADE.fetch_add(1, Ordering::SeqCst);
+        let inner = builtin.clone();
+        let f: ModelFactory = Arc::new(move |ctx| {
+            BUILT.fetch_add(1, Ordering::SeqCst);
+            inner(ctx)
+        });
+        f
+    });
+    regs.register_model_lazy("NeverLoadedForCausalLM", || panic!("must not run"));
+    assert!(
+        regs.models
+            .supported_archs()
+            .contains(&"NeverLoadedForCausalLM".to_string())
+    );
+    assert_eq!(MADE.load(Ordering::SeqCst), 0);
+    LLMEngine::with_registries(config(), &regs).expect("loads");
+    assert_eq!(MADE.load(Ordering::SeqCst), 1);
+    assert_eq!(BUILT.load(Ordering::SeqCst), 1);
+}

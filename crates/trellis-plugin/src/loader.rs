@@ -1,0 +1,497 @@
+//! Finding, filtering and loading plugins by group (vLLM's `load_plugins_by_group`, spec §1).
+//!
+//! Discovery lists compiled-in declarations ([`crate::compiled_in_plugins`]) first, then
+//! every plugin folder (one with a `trellis-plugin.toml`) of every plugin directory
+//! ([`crate::manifest::plugin_dirs`]). `VLLM_PLUGINS` filters by entry name from the
+//! manifests, before any library is opened. An allowed library is then checked twice before
+//! any entry is called: its manifest's fingerprint, then the fingerprint the library itself
+//! exports. Libraries are never unloaded.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::declare::{LibraryCall, PluginEntry, call_platform, call_register, compiled_in_plugins};
+use crate::fingerprint::{BUILD_FINGERPRINT, host_shared_crates_hash};
+use crate::group::PluginGroup;
+use crate::manifest::{MANIFEST_FILE, PluginManifest, plugin_dirs};
+use crate::platform::{NamedPlatform, Platform};
+use crate::registrar::{Recorder, Registrar, Registration};
+
+/// Why a plugin stopped startup.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginLoadError {
+    /// An allowed plugin's entry returned an error or panicked.
+    #[error("plugin '{name}' ({group}) failed: {reason}")]
+    Failed {
+        /// The entry's name.
+        name: String,
+        /// Its group.
+        group: PluginGroup,
+        /// The plugin's error text.
+        reason: String,
+    },
+    /// The library was built for another host (fingerprint mismatch); none of its code ran.
+    #[error(
+        "plugin '{name}' refused: {} was built for another trellis (plugin: {found}; this \
+         trellis: {expected}); rebuild it with this trellis: trellis plugins build {rebuild}",
+        library.display()
+    )]
+    Incompatible {
+        /// The entry's name.
+        name: String,
+        /// The manifest or library that was refused.
+        library: PathBuf,
+        /// The host's fingerprint.
+        expected: String,
+        /// The plugin's fingerprint.
+        found: String,
+        /// The crate directory to rebuild (or `PATH`).
+        rebuild: String,
+    },
+    /// The library could not be opened, or lacks the exported functions.
+    #[error("plugin '{name}': cannot load {}: {message}", path.display())]
+    Library {
+        /// The entry's name.
+        name: String,
+        /// The library.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Where a discovered plugin comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginOrigin {
+    /// Linked into this binary.
+    CompiledIn,
+    /// A library in a plugin folder (the folder holding its manifest).
+    Library(PathBuf),
+}
+
+/// One discovered plugin entry (vLLM: one entry point).
+#[derive(Debug, Clone)]
+pub struct DiscoveredPlugin {
+    /// Its name (what `VLLM_PLUGINS` lists).
+    pub name: String,
+    /// Its group.
+    pub group: PluginGroup,
+    /// Where it comes from.
+    pub origin: PluginOrigin,
+    source: Source,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    Static(&'static crate::declare::PluginDecl),
+    Library(Arc<PluginManifest>),
+}
+
+/// The `VLLM_PLUGINS` allow-list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowList {
+    /// Unset: every plugin is allowed.
+    All,
+    /// Set: exactly these names (split on `,`, not trimmed; `""` allows nothing).
+    Only(Vec<String>),
+}
+
+impl AllowList {
+    /// Reads `VLLM_PLUGINS`.
+    pub fn from_env() -> Self {
+        match std::env::var_os("VLLM_PLUGINS") {
+            None => AllowList::All,
+            Some(v) => {
+                AllowList::Only(v.to_string_lossy().split(',').map(str::to_string).collect())
+            }
+        }
+    }
+
+    /// Whether the plugin `name` may be loaded.
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            AllowList::All => true,
+            AllowList::Only(names) => names.iter().any(|n| n == name),
+        }
+    }
+}
+
+/// Every plugin: compiled-in ones first, then library plugins by directory and folder name.
+/// An unreadable manifest is reported with a warning and skipped.
+pub fn discover_plugins() -> Vec<DiscoveredPlugin> {
+    let mut out: Vec<DiscoveredPlugin> = compiled_in_plugins()
+        .map(|d| DiscoveredPlugin {
+            name: d.name.to_string(),
+            group: d.group,
+            origin: PluginOrigin::CompiledIn,
+            source: Source::Static(d),
+        })
+        .collect();
+    for dir in plugin_dirs() {
+        let Ok(read) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut folders: Vec<PathBuf> = read
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join(MANIFEST_FILE).is_file())
+            .collect();
+        folders.sort();
+        for folder in folders {
+            match PluginManifest::read(&folder.join(MANIFEST_FILE)) {
+                Ok(m) => {
+                    let m = Arc::new(m);
+                    for (name, group) in m.groups() {
+                        out.push(DiscoveredPlugin {
+                            name: name.to_string(),
+                            group,
+                            origin: PluginOrigin::Library(folder.clone()),
+                            source: Source::Library(m.clone()),
+                        });
+                    }
+                }
+                Err(e) => eprintln!("WARNING trellis: skipping a plugin folder: {e}"),
+            }
+        }
+    }
+    out
+}
+
+/// Warns (once per process) about each `VLLM_PLUGINS` name that matches no discovered plugin.
+pub(crate) fn warn_unmatched(allow: &AllowList, discovered: &[DiscoveredPlugin]) {
+    static WARNED: OnceLock<()> = OnceLock::new();
+    let AllowList::Only(names) = allow else {
+        return;
+    };
+    let missing: Vec<&str> = names
+        .iter()
+        .filter(|n| !n.is_empty() && !discovered.iter().any(|d| &d.name == *n))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() && WARNED.set(()).is_ok() {
+        let found: Vec<&str> = discovered.iter().map(|d| d.name.as_str()).collect();
+        eprintln!(
+            "WARNING trellis: VLLM_PLUGINS requested plugins that were not found: {} \
+             (discovered: {})",
+            missing.join(", "),
+            if found.is_empty() {
+                "none".to_string()
+            } else {
+                found.join(", ")
+            }
+        );
+    }
+}
+
+type EntryFn = unsafe extern "C" fn(*mut LibraryCall<'_>);
+
+/// An opened, checked library: only its entry function is kept (the library is leaked).
+#[derive(Clone, Copy)]
+struct OpenLibrary {
+    entry: EntryFn,
+}
+
+fn rebuild_hint(m: &PluginManifest) -> String {
+    m.source.clone().unwrap_or_else(|| "PATH".to_string())
+}
+
+/// Checks the manifest, opens the library, checks its exported fingerprint.
+fn open_library(
+    name: &str,
+    folder: &Path,
+    m: &PluginManifest,
+) -> Result<OpenLibrary, PluginLoadError> {
+    static OPEN: OnceLock<Mutex<HashMap<PathBuf, OpenLibrary>>> = OnceLock::new();
+    let cache = OPEN.get_or_init(Default::default);
+    let path = folder.join(&m.library);
+    if let Some(lib) = cache.lock().ok().and_then(|c| c.get(&path).copied()) {
+        return Ok(lib);
+    }
+    let manifest_path = folder.join(MANIFEST_FILE);
+    let host_lock = host_shared_crates_hash().map_err(|message| PluginLoadError::Library {
+        name: name.to_string(),
+        path: path.clone(),
+        message,
+    })?;
+    if m.fingerprint != BUILD_FINGERPRINT || m.shared_crates != host_lock {
+        return Err(PluginLoadError::Incompatible {
+            name: name.to_string(),
+            library: manifest_path,
+            expected: format!("{BUILD_FINGERPRINT}; shared crates {host_lock}"),
+            found: format!("{}; shared crates {}", m.fingerprint, m.shared_crates),
+            rebuild: rebuild_hint(m),
+        });
+    }
+    let lib_err = |message: String| PluginLoadError::Library {
+        name: name.to_string(),
+        path: path.clone(),
+        message,
+    };
+    // SAFETY: loading runs the library's initialisers; the manifest said it was built by
+    // this toolchain for this host, and it is never unloaded.
+    let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| lib_err(e.to_string()))?;
+    let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+    let fp_sym = format!("trellis_plugin_fingerprint_{}", m.crate_name);
+    // SAFETY: the symbol is the `extern "C" fn() -> *const c_char` that declare_plugin! exports.
+    let fp: libloading::Symbol<'static, extern "C" fn() -> *const std::ffi::c_char> =
+        unsafe { lib.get(fp_sym.as_bytes()) }.map_err(|e| {
+            lib_err(format!(
+                "no {fp_sym} (not built with declare_plugin!?): {e}"
+            ))
+        })?;
+    let ptr = fp();
+    let found = if ptr.is_null() {
+        String::new()
+    } else {
+        // SAFETY: the library returns a pointer to a static NUL-terminated string.
+        unsafe { std::ffi::CStr::from_ptr(ptr) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    if found != BUILD_FINGERPRINT {
+        return Err(PluginLoadError::Incompatible {
+            name: name.to_string(),
+            library: path.clone(),
+            expected: BUILD_FINGERPRINT.to_string(),
+            found,
+            rebuild: rebuild_hint(m),
+        });
+    }
+    let entry_sym = format!("trellis_plugin_entry_{}", m.crate_name);
+    // SAFETY: the symbol is the entry function that declare_plugin! exports.
+    let entry: libloading::Symbol<'static, EntryFn> = unsafe { lib.get(entry_sym.as_bytes()) }
+        .map_err(|e| lib_err(format!("no {entry_sym}: {e}")))?;
+    let open = OpenLibrary { entry: *entry };
+    if let Ok(mut c) = cache.lock() {
+        c.insert(path, open);
+    }
+    Ok(open)
+}
+
+/// A plugin that passed the allow-list and whose code is ready to call.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    /// Its name.
+    pub name: String,
+    /// Its group.
+    pub group: PluginGroup,
+    /// Where it comes from.
+    pub origin: PluginOrigin,
+    callee: Callee,
+}
+
+#[derive(Clone, Copy)]
+enum Callee {
+    Static(PluginEntry),
+    Library(OpenLibrary),
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("name", &self.name)
+            .field("group", &self.group)
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedPlugin {
+    fn failed(&self, reason: String) -> PluginLoadError {
+        PluginLoadError::Failed {
+            name: self.name.clone(),
+            group: self.group,
+            reason,
+        }
+    }
+
+    /// Calls a registering entry (groups other than `platform`) with `registrar`.
+    pub fn register(&self, registrar: &mut dyn Registrar) -> Result<(), PluginLoadError> {
+        let result = match self.callee {
+            Callee::Static(PluginEntry::Register(f)) => call_register(f, registrar),
+            Callee::Static(PluginEntry::Platform(_)) => Err("not a registering entry".into()),
+            Callee::Library(lib) => {
+                let mut result = Ok(());
+                let mut call = LibraryCall::Register {
+                    name: &self.name,
+                    registrar,
+                    result: &mut result,
+                };
+                // SAFETY: the library passed both fingerprint checks; `call` outlives the call.
+                unsafe { (lib.entry)(&mut call) };
+                result
+            }
+        };
+        result.map_err(|r| self.failed(r))
+    }
+
+    /// Calls a `platform` entry: the platform if it activates here.
+    pub fn platform(&self) -> Result<Option<Arc<dyn Platform>>, PluginLoadError> {
+        let result = match self.callee {
+            Callee::Static(PluginEntry::Platform(f)) => call_platform(f),
+            Callee::Static(PluginEntry::Register(_)) => Err("not a platform entry".into()),
+            Callee::Library(lib) => {
+                let mut result = Ok(None);
+                let mut call = LibraryCall::Platform {
+                    name: &self.name,
+                    result: &mut result,
+                };
+                // SAFETY: as in `register`.
+                unsafe { (lib.entry)(&mut call) };
+                result
+            }
+        };
+        result.map_err(|r| self.failed(r))
+    }
+}
+
+pub(crate) fn resolve(d: &DiscoveredPlugin) -> Result<LoadedPlugin, PluginLoadError> {
+    let callee = match (&d.source, &d.origin) {
+        (Source::Static(decl), _) => Callee::Static(decl.entry),
+        (Source::Library(m), PluginOrigin::Library(folder)) => {
+            Callee::Library(open_library(&d.name, folder, m)?)
+        }
+        (Source::Library(m), PluginOrigin::CompiledIn) => {
+            return Err(PluginLoadError::Library {
+                name: d.name.clone(),
+                path: PathBuf::from(&m.library),
+                message: "library plugin without a folder".into(),
+            });
+        }
+    };
+    Ok(LoadedPlugin {
+        name: d.name.clone(),
+        group: d.group,
+        origin: d.origin.clone(),
+        callee,
+    })
+}
+
+/// The allowed plugins of `group`, their libraries opened and checked, in discovery order
+/// (a name found twice in a group: the first wins). Does not call them.
+pub fn load_plugins_by_group(group: PluginGroup) -> Result<Vec<LoadedPlugin>, PluginLoadError> {
+    let discovered = discover_plugins();
+    let allow = AllowList::from_env();
+    warn_unmatched(&allow, &discovered);
+    let mut out: Vec<LoadedPlugin> = Vec::new();
+    for d in discovered
+        .iter()
+        .filter(|d| d.group == group && allow.allows(&d.name))
+    {
+        if out.iter().any(|p| p.name == d.name) {
+            eprintln!(
+                "WARNING trellis: plugin '{}' ({group}) found twice; using the first one",
+                d.name
+            );
+            continue;
+        }
+        out.push(resolve(d)?);
+    }
+    Ok(out)
+}
+
+type GeneralOutcome = Result<Vec<Registration>, PluginLoadError>;
+
+/// Runs every allowed `general` plugin once per process with `registrar`; later calls (a
+/// second engine in the same process) replay the same registrations into their registrar.
+/// The first plugin that fails stops it with an error naming the plugin.
+pub fn load_general_plugins(registrar: &mut dyn Registrar) -> Result<(), PluginLoadError> {
+    static GENERAL: Mutex<Option<GeneralOutcome>> = Mutex::new(None);
+    let mut guard = GENERAL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(outcome) = guard.as_ref() {
+        let log = outcome.clone()?;
+        for r in &log {
+            r.replay(registrar).map_err(|e| PluginLoadError::Failed {
+                name: "general".into(),
+                group: PluginGroup::General,
+                reason: e.to_string(),
+            })?;
+        }
+        return Ok(());
+    }
+    let mut recorder = Recorder {
+        inner: registrar,
+        log: Vec::new(),
+    };
+    let outcome = load_plugins_by_group(PluginGroup::General).and_then(|plugins| {
+        for p in &plugins {
+            p.register(&mut recorder)?;
+        }
+        Ok(())
+    });
+    let log = std::mem::take(&mut recorder.log);
+    *guard = Some(outcome.clone().map(|()| log));
+    outcome
+}
+
+/// Calls every allowed `platform` plugin and returns the activated ones with their names
+/// (spec §2.2 selection is `resolve_platform`'s job). Once per process; a plugin whose
+/// detection fails is logged and treated as not activated, as in vLLM.
+pub fn load_platform_plugins() -> Result<Vec<NamedPlatform>, PluginLoadError> {
+    type Activated = Vec<NamedPlatform>;
+    static PLATFORMS: Mutex<Option<Result<Activated, PluginLoadError>>> = Mutex::new(None);
+    let mut guard = PLATFORMS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(done) = guard.as_ref() {
+        return done.clone();
+    }
+    let outcome = load_plugins_by_group(PluginGroup::Platform).map(|plugins| {
+        let mut active = Vec::new();
+        for p in plugins {
+            match p.platform() {
+                Ok(Some(platform)) => active.push((p.name.clone(), platform)),
+                Ok(None) => {}
+                Err(e) => eprintln!("WARNING trellis: {e}; the platform is not activated"),
+            }
+        }
+        active
+    });
+    *guard = Some(outcome.clone());
+    outcome
+}
+
+/// Opens the library at `path` (built from crate `crate_name`), checks the fingerprint it
+/// exports against this host's and returns its declarations; used by `trellis plugins build`
+/// to write the manifest. The library stays loaded.
+pub fn library_entries(
+    path: &Path,
+    crate_name: &str,
+) -> Result<Vec<(String, PluginGroup)>, String> {
+    // SAFETY: as in `open_library`; the caller has just built this library.
+    let lib = unsafe { libloading::Library::new(path) }
+        .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+    let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+    let fp_sym = format!("trellis_plugin_fingerprint_{crate_name}");
+    // SAFETY: the symbol declare_plugin! exports.
+    let fp: libloading::Symbol<'static, extern "C" fn() -> *const std::ffi::c_char> =
+        unsafe { lib.get(fp_sym.as_bytes()) }.map_err(|e| {
+            format!(
+                "{}: no {fp_sym} (does it call declare_plugin!?): {e}",
+                path.display()
+            )
+        })?;
+    let ptr = fp();
+    let found = if ptr.is_null() {
+        String::new()
+    } else {
+        // SAFETY: a static NUL-terminated string.
+        unsafe { std::ffi::CStr::from_ptr(ptr) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    if found != BUILD_FINGERPRINT {
+        return Err(format!(
+            "{} was built with [{found}] but this trellis is [{BUILD_FINGERPRINT}]: build with \
+             the toolchain and trellis-plugin version of this trellis",
+            path.display()
+        ));
+    }
+    let entry_sym = format!("trellis_plugin_entry_{crate_name}");
+    // SAFETY: the entry declare_plugin! exports; the fingerprint matched.
+    let entry: libloading::Symbol<'static, EntryFn> = unsafe { lib.get(entry_sym.as_bytes()) }
+        .map_err(|e| format!("{}: no {entry_sym}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    let mut call = LibraryCall::List(&mut out);
+    // SAFETY: fingerprint checked; `call` outlives the call.
+    unsafe { (*entry)(&mut call) };
+    Ok(out)
+}

@@ -1,0 +1,130 @@
+//! The registrar: what a plugin is handed to register into the host's registries.
+//!
+//! A plugin never touches a global registry of its own: a plugin library has its own copy of
+//! every static (DESIGN.md, run-time plugin pitfalls), so registering into "the" registry from
+//! inside a library would fill a table the host never reads. Instead every registering entry
+//! gets a `&mut dyn Registrar` that forwards to the host's tables. The trait is object-safe so
+//! that it crosses the library boundary as a plain pointer.
+
+use std::sync::Arc;
+
+use crate::attention::AttentionBackend;
+use crate::error::PluginError;
+use crate::model_registry::{LazyModelFactory, ModelFactory};
+
+/// What a plugin entry returns: `Ok(())`, or any error, which stops startup with the plugin's
+/// name and this error's text.
+pub type RegisterResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// The host's registries, as a plugin sees them (vLLM: `ModelRegistry.register_model`,
+/// `register_backend`, ...). Implemented by the host for its `Registries`.
+pub trait Registrar {
+    /// Registers (or replaces: re-registration overwrites, as in vLLM) the factory of a model
+    /// architecture.
+    fn register_model(&mut self, architecture: &str, factory: ModelFactory);
+
+    /// Registers (or replaces) an architecture lazily: `make` runs only when that architecture
+    /// is first loaded.
+    fn register_model_lazy(&mut self, architecture: &str, make: LazyModelFactory);
+
+    /// The factory registered for `architecture` (a built-in or another plugin's), so that a
+    /// plugin can wrap it; `None` when the architecture is unknown.
+    fn model_factory(&self, architecture: &str) -> Option<ModelFactory>;
+
+    /// Registers an attention backend under `name` (case-insensitive): a new name, or an
+    /// override of an existing one (a built-in or `CUSTOM`).
+    fn register_attention_backend(
+        &mut self,
+        name: &str,
+        backend: Arc<dyn AttentionBackend>,
+    ) -> Result<(), PluginError>;
+}
+
+/// One registration a general plugin made, kept so that it can be replayed.
+#[derive(Clone)]
+pub(crate) enum Registration {
+    Model(String, ModelFactory),
+    ModelLazy(String, LazyModelFactory),
+    AttentionBackend(String, Arc<dyn AttentionBackend>),
+}
+
+impl Registration {
+    /// Makes the same registration into `target`.
+    pub(crate) fn replay(&self, target: &mut dyn Registrar) -> Result<(), PluginError> {
+        match self {
+            Registration::Model(a, f) => target.register_model(a, f.clone()),
+            Registration::ModelLazy(a, m) => target.register_model_lazy(a, m.clone()),
+            Registration::AttentionBackend(n, b) => {
+                target.register_attention_backend(n, b.clone())?
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A registrar that forwards to another and keeps a log of what was registered.
+///
+/// General plugins run once per process, but a process may build several engines, each with
+/// its own registries: the first engine's registrations are recorded and replayed into the
+/// next ones, so that every engine sees the plugins' models and backends.
+pub(crate) struct Recorder<'a> {
+    pub(crate) inner: &'a mut dyn Registrar,
+    pub(crate) log: Vec<Registration>,
+}
+
+impl Registrar for Recorder<'_> {
+    fn register_model(&mut self, architecture: &str, factory: ModelFactory) {
+        self.log.push(Registration::Model(
+            architecture.to_string(),
+            factory.clone(),
+        ));
+        self.inner.register_model(architecture, factory);
+    }
+
+    fn register_model_lazy(&mut self, architecture: &str, make: LazyModelFactory) {
+        self.log.push(Registration::ModelLazy(
+            architecture.to_string(),
+            make.clone(),
+        ));
+        self.inner.register_model_lazy(architecture, make);
+    }
+
+    fn model_factory(&self, architecture: &str) -> Option<ModelFactory> {
+        self.inner.model_factory(architecture)
+    }
+
+    fn register_attention_backend(
+        &mut self,
+        name: &str,
+        backend: Arc<dyn AttentionBackend>,
+    ) -> Result<(), PluginError> {
+        self.inner
+            .register_attention_backend(name, backend.clone())?;
+        self.log
+            .push(Registration::AttentionBackend(name.to_string(), backend));
+        Ok(())
+    }
+}
+
+impl Registrar for crate::registries::Registries {
+    fn register_model(&mut self, architecture: &str, factory: ModelFactory) {
+        self.models.register_factory(architecture, factory);
+    }
+
+    fn register_model_lazy(&mut self, architecture: &str, make: LazyModelFactory) {
+        self.models
+            .register_model_lazy(architecture, move || make());
+    }
+
+    fn model_factory(&self, architecture: &str) -> Option<ModelFactory> {
+        self.models.get(architecture)
+    }
+
+    fn register_attention_backend(
+        &mut self,
+        name: &str,
+        backend: Arc<dyn AttentionBackend>,
+    ) -> Result<(), PluginError> {
+        self.attention_backends.register_backend(name, backend)
+    }
+}

@@ -1,0 +1,121 @@
+//! The `trellis` command on bad input: one plain line on stderr naming the file and the problem,
+//! a non-zero exit code, never a panic. And `trellis generate` on the default model.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn trellis() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_trellis"))
+}
+
+fn default_model() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.is_file(), "model file {} is missing: run scripts/fetch-model.sh", p.display());
+    p
+}
+
+/// Runs `trellis generate --model MODEL --prompt hi` and returns (exit code, stderr).
+fn generate_with(model: &Path) -> (i32, String) {
+    let out = trellis()
+        .args(["generate", "--max-tokens", "2", "--prompt", "hi", "--model"])
+        .arg(model)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn assert_one_line_error(code: i32, stderr: &str, needles: &[&str]) {
+    assert_ne!(code, 0, "must fail: {stderr}");
+    assert_ne!(code, 101, "a panic exits with 101: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{:?} should mention {n:?}", lines[0]);
+    }
+}
+
+#[test]
+fn missing_model_file() {
+    let (code, err) = generate_with(Path::new("/nonexistent/model.gguf"));
+    assert_one_line_error(code, &err, &["/nonexistent/model.gguf", "no such file"]);
+}
+
+#[test]
+fn truncated_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(default_model()).unwrap();
+    let p = dir.path().join("cut.gguf");
+    std::fs::write(&p, &bytes[..1_000_000]).unwrap();
+    let (code, err) = generate_with(&p);
+    assert_one_line_error(code, &err, &["cut.gguf"]);
+}
+
+#[test]
+fn unsupported_architecture_and_missing_config_field() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"architectures": ["NoSuchForCausalLM"], "hidden_size": 8}"#,
+    )
+    .unwrap();
+    let (code, err) = generate_with(dir.path());
+    assert_one_line_error(code, &err, &["NoSuchForCausalLM", "not supported"]);
+
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}"#,
+    )
+    .unwrap();
+    let (code, err) = generate_with(dir.path());
+    assert_one_line_error(code, &err, &["config.json", "hidden_size"]);
+}
+
+#[test]
+fn invalid_sampling_flag_and_missing_input_file() {
+    let out = trellis()
+        .args(["generate", "--temperature", "-1", "--prompt", "hi", "--model"])
+        .arg(default_model())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_error(out.status.code().unwrap_or(-1), &err, &["temperature"]);
+    let out = trellis()
+        .args(["generate", "--input", "/nonexistent/prompts.jsonl", "--model"])
+        .arg(default_model())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_error(out.status.code().unwrap_or(-1), &err, &["/nonexistent/prompts.jsonl"]);
+}
+
+#[test]
+fn generate_writes_jsonl_with_greedy_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"The capital of France is\"}\n{\"prompt_token_ids\": [504, 3575, 282, 4649, 314]}\n",
+    )
+    .unwrap();
+    let output = dir.path().join("out.jsonl");
+    let st = trellis()
+        .args(["generate", "--temperature", "0", "--max-tokens", "8", "--kv-cache-memory", "64M", "--model"])
+        .arg(default_model())
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let text = std::fs::read_to_string(&output).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    // llama.cpp's first 8 greedy tokens for this prompt (tests/data of trellis-engine).
+    let want = serde_json::json!([7042, 30, 198, 198, 504, 1797, 1918, 553]);
+    for l in &lines {
+        assert_eq!(l["outputs"][0]["token_ids"], want, "{l}");
+        assert_eq!(l["outputs"][0]["finish_reason"], "length");
+    }
+}

@@ -1,0 +1,130 @@
+//! Plugin loading through the real `trellis` binary (spec §1.5): the example plugins loaded at
+//! run time (built once with `trellis plugins build`) and, with `--features example-plugins`,
+//! compiled in; `VLLM_PLUGINS` cases; a refused fingerprint; a failing plugin.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const DUMMY_MODEL: &str = "register_dummy_model";
+
+/// A `trellis` command that sees only the plugin directory `dir` (HOME isolated too).
+fn trellis(dir: Option<&Path>) -> Command {
+    match dir {
+        Some(d) => common::trellis(&[d]),
+        None => common::trellis(&[]),
+    }
+}
+
+/// The plugin directory with the run-time dummy-model installed (built once per test process
+/// with `trellis plugins build --debug`).
+fn installed() -> PathBuf {
+    common::installed("dummy-model")
+}
+
+/// `trellis plugins list` → (stdout, stderr).
+fn list(cmd: &mut Command) -> (String, String) {
+    let out = cmd.args(["plugins", "list"]).output().expect("run trellis");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The line of plugin `name` found at run time (`runtime`) or compiled in.
+fn line<'a>(stdout: &'a str, name: &str, runtime: bool) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}\t")) && l.contains("\tcompiled in\t") != runtime)
+        .unwrap_or_else(|| panic!("{name} not listed: {stdout}"))
+}
+
+#[test]
+fn runtime_plugin_is_listed_and_loaded() {
+    let dir = installed();
+    let (out, err) = list(&mut trellis(Some(&dir)));
+    let l = line(&out, DUMMY_MODEL, true);
+    assert!(l.contains("\tgeneral\t"), "{l}");
+    assert!(l.contains("dummy-model"), "origin is the folder: {l}");
+    assert!(l.ends_with("\tloaded"), "{l}");
+    assert!(!err.contains("VLLM_PLUGINS requested"), "{err}");
+}
+
+#[test]
+fn vllm_plugins_empty_filters_everything() {
+    let (out, _) = list(trellis(Some(&installed())).env("VLLM_PLUGINS", ""));
+    assert!(line(&out, DUMMY_MODEL, true).ends_with("filtered out by VLLM_PLUGINS"));
+}
+
+#[test]
+fn vllm_plugins_exact_list_and_unknown_name_warning() {
+    let (out, err) = list(
+        trellis(Some(&installed())).env("VLLM_PLUGINS", format!("does_not_exist,{DUMMY_MODEL}")),
+    );
+    assert!(line(&out, DUMMY_MODEL, true).ends_with("\tloaded"), "{out}");
+    assert!(err.contains("VLLM_PLUGINS requested"), "{err}");
+    assert!(err.contains("does_not_exist"), "{err}");
+    // Not trimmed: " register_dummy_model" is another name.
+    let (out, _) = list(trellis(Some(&installed())).env("VLLM_PLUGINS", format!(" {DUMMY_MODEL}")));
+    assert!(line(&out, DUMMY_MODEL, true).ends_with("filtered out by VLLM_PLUGINS"));
+}
+
+#[test]
+fn wrong_fingerprint_is_refused_and_never_called() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("dummy-model");
+    std::fs::create_dir_all(&folder).unwrap();
+    for f in std::fs::read_dir(installed().join("dummy-model")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, folder.join(f.file_name().unwrap())).unwrap();
+    }
+    let manifest = folder.join("trellis-plugin.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let text = text.replace("rustc ", "rustc 0.0.0-other ");
+    std::fs::write(&manifest, text).unwrap();
+    // DUMMY_MODEL_FAIL would make a call fail: a refused library is never called.
+    let (out, _) = list(trellis(Some(tmp.path())).env("DUMMY_MODEL_FAIL", "1"));
+    let l = line(&out, DUMMY_MODEL, true);
+    assert!(l.contains("refused"), "{l}");
+    assert!(
+        l.contains("rustc 0.0.0-other"),
+        "shows the plugin's fingerprint: {l}"
+    );
+    assert!(
+        l.contains(trellis_plugin::BUILD_FINGERPRINT),
+        "shows the host's: {l}"
+    );
+    assert!(
+        l.contains("trellis plugins build"),
+        "says how to rebuild: {l}"
+    );
+    assert!(!l.contains("DUMMY_MODEL_FAIL"), "{l}");
+}
+
+#[test]
+fn failing_plugin_is_reported_with_its_name() {
+    let (out, _) = list(trellis(Some(&installed())).env("DUMMY_MODEL_FAIL", "1"));
+    let l = line(&out, DUMMY_MODEL, true);
+    assert!(
+        l.contains("failed: plugin 'register_dummy_model' (general) failed"),
+        "{l}"
+    );
+    assert!(l.contains("DUMMY_MODEL_FAIL is set"), "{l}");
+}
+
+#[cfg(feature = "example-plugins")]
+#[test]
+fn compiled_in_plugin_is_listed() {
+    let (out, _) = list(&mut trellis(None));
+    let l = line(&out, DUMMY_MODEL, false);
+    assert!(l.contains("\tcompiled in\t"), "{l}");
+    assert!(l.ends_with("\tloaded"), "{l}");
+    let (out, _) = list(trellis(None).env("VLLM_PLUGINS", ""));
+    assert!(line(&out, DUMMY_MODEL, false).ends_with("filtered out by VLLM_PLUGINS"));
+}
