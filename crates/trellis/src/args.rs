@@ -52,6 +52,8 @@ pub enum BenchCommand {
     Throughput(ThroughputArgs),
     /// Latency of one batch generating a fixed number of tokens, over several iterations.
     Latency(LatencyArgs),
+    /// Load a running server (`trellis serve`) with streaming completions: throughput, TTFT, ITL.
+    Serve(ServeBenchArgs),
 }
 
 /// Flags that build the engine (vLLM's engine arguments).
@@ -106,7 +108,7 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 0)]
     pub min_tokens: usize,
     /// Softmax temperature; 0 is greedy.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub temperature: f32,
     /// Nucleus sampling mass.
     #[arg(long, default_value_t = 1.0)]
@@ -337,4 +339,35 @@ impl SamplingArgs {
             logit_bias,
         })
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ServeBenchArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub base_url: String,
+    /// Model name to request; default: the first one /v1/models lists.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Number of requests.
+    #[arg(long, default_value_t = 32)]
+    pub num_prompts: usize,
+    /// Prompt length in tokens (random token ids).
+    #[arg(long, default_value_t = 100)]
+    pub input_len: usize,
+    /// Tokens generated per request (EOS ignored).
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    /// Requests per second (Poisson arrivals); default: all at once.
+    #[arg(long)]
+    pub request_rate: Option<f64>,
+    /// Most requests in flight at once.
+    #[arg(long)]
+    pub max_concurrency: Option<usize>,
+    /// Seed of the random prompts and arrivals.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the result as JSON here too.
+    #[arg(long)]
+    pub output_json: Option<PathBuf>,
 }

@@ -2,6 +2,7 @@
 
 mod args;
 mod bench;
+mod bench_serve;
 mod generate;
 mod platforms;
 mod plugins;
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve::run(*a),
         Command::Bench(BenchCommand::Throughput(a)) => bench::throughput(a),
         Command::Bench(BenchCommand::Latency(a)) => bench::latency(a),
+        Command::Bench(BenchCommand::Serve(a)) => bench_serve::run(a),
         Command::Plugins(PluginsCommand::List) => plugins::list(),
         Command::Plugins(PluginsCommand::Build { path, debug }) => plugins::build(&path, debug),
     };

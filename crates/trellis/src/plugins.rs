@@ -14,7 +14,6 @@ use trellis_plugin::{BUILD_FINGERPRINT, PluginOrigin, plugin_reports};
 /// The Cargo.lock this binary was built with: plugins are built against it.
 pub const HOST_CARGO_LOCK: &str = include_str!("../../../Cargo.lock");
 
-
 /// `trellis plugins list`.
 pub fn list() -> Result<()> {
     // The built-ins, for plugins that wrap or override one.

@@ -9,8 +9,13 @@ fn trellis() -> Command {
 }
 
 fn default_model() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.is_file(), "model file {} is missing: run scripts/fetch-model.sh", p.display());
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "model file {} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
     p
 }
 
@@ -21,7 +26,10 @@ fn generate_with(model: &Path) -> (i32, String) {
         .arg(model)
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_one_line_error(code: i32, stderr: &str, needles: &[&str]) {
@@ -67,6 +75,10 @@ fn unsupported_architecture_and_missing_config_field() {
         r#"{"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}"#,
     )
     .unwrap();
+    // A valid, empty safetensors file, so that the config is what fails.
+    let mut st = 8u64.to_le_bytes().to_vec();
+    st.extend_from_slice(b"{}      ");
+    std::fs::write(dir.path().join("model.safetensors"), st).unwrap();
     let (code, err) = generate_with(dir.path());
     assert_one_line_error(code, &err, &["config.json", "hidden_size"]);
 }
@@ -74,19 +86,35 @@ fn unsupported_architecture_and_missing_config_field() {
 #[test]
 fn invalid_sampling_flag_and_missing_input_file() {
     let out = trellis()
-        .args(["generate", "--temperature", "-1", "--prompt", "hi", "--model"])
+        .args([
+            "generate",
+            "--temperature",
+            "-1",
+            "--prompt",
+            "hi",
+            "--model",
+        ])
         .arg(default_model())
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_one_line_error(out.status.code().unwrap_or(-1), &err, &["temperature"]);
     let out = trellis()
-        .args(["generate", "--input", "/nonexistent/prompts.jsonl", "--model"])
+        .args([
+            "generate",
+            "--input",
+            "/nonexistent/prompts.jsonl",
+            "--model",
+        ])
         .arg(default_model())
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_one_line_error(out.status.code().unwrap_or(-1), &err, &["/nonexistent/prompts.jsonl"]);
+    assert_one_line_error(
+        out.status.code().unwrap_or(-1),
+        &err,
+        &["/nonexistent/prompts.jsonl"],
+    );
 }
 
 #[test]
@@ -100,7 +128,16 @@ fn generate_writes_jsonl_with_greedy_tokens() {
     .unwrap();
     let output = dir.path().join("out.jsonl");
     let st = trellis()
-        .args(["generate", "--temperature", "0", "--max-tokens", "8", "--kv-cache-memory", "64M", "--model"])
+        .args([
+            "generate",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--kv-cache-memory",
+            "64M",
+            "--model",
+        ])
         .arg(default_model())
         .arg("--input")
         .arg(&input)
@@ -110,7 +147,10 @@ fn generate_writes_jsonl_with_greedy_tokens() {
         .unwrap();
     assert!(st.success());
     let text = std::fs::read_to_string(&output).unwrap();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     // llama.cpp's first 8 greedy tokens for this prompt (tests/data of trellis-engine).
     let want = serde_json::json!([7042, 30, 198, 198, 504, 1797, 1918, 553]);

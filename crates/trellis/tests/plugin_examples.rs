@@ -2,6 +2,7 @@
 //! §2.6, §3.6, §4.5). Without features the examples are built once per test process with
 //! `trellis plugins build --debug` and loaded at run time; with `--features example-plugins`
 //! the same tests run against the examples compiled into the binary.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

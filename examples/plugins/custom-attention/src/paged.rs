@@ -30,7 +30,7 @@ impl PagedAttention {
         if spec.dtype != DType::F32 || spec.block_size == 0 {
             bail!("{name}: needs an f32 cache and a positive block size, got {spec:?}");
         }
-        if shape.num_kv_heads == 0 || shape.num_heads % shape.num_kv_heads != 0 {
+        if shape.num_kv_heads == 0 || !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
             bail!("{name}: query heads must be a multiple of KV heads: {shape:?}");
         }
         let num_slots = spec.num_blocks * spec.block_size;
