@@ -484,6 +484,57 @@ impl Attention {
     }
 }
 
+/// One pre-norm decoder layer of the Llama family (Llama, Mistral, Qwen2):
+/// `x + attn(norm(x))`, then `x + mlp(norm(x))`. Tensor names follow the checkpoint's
+/// (`model.layers.{i}.input_layernorm`, `.self_attn`, `.post_attention_layernorm`, `.mlp`).
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// Loads layer `i`.
+    pub fn load(
+        ws: &dyn WeightSource,
+        i: usize,
+        attn: AttentionConfig,
+        rms_norm_eps: f64,
+        intermediate_size: usize,
+    ) -> LoadResult<Self> {
+        let p = format!("model.layers.{i}");
+        let h = attn.hidden_size;
+        Ok(Self {
+            input_layernorm: RmsNorm::load(
+                ws,
+                &format!("{p}.input_layernorm.weight"),
+                h,
+                rms_norm_eps,
+            )?,
+            self_attn: Attention::load(ws, &format!("{p}.self_attn"), attn, i)?,
+            post_attention_layernorm: RmsNorm::load(
+                ws,
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+                rms_norm_eps,
+            )?,
+            mlp: Mlp::load(ws, &format!("{p}.mlp"), h, intermediate_size)?,
+        })
+    }
+
+    /// Runs the layer on `x` `[num_tokens, hidden]`.
+    pub fn forward(&self, x: &Tensor, rope: &Rope, ctx: &mut ForwardContext<'_>) -> Result<Tensor> {
+        let x = (x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, rope, ctx)?)?;
+        &x + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?
+    }
+}
+
 /// The LM head on the wanted rows only: `lm_head(norm(hidden[rows]))` as f32
 /// `[rows.len(), vocab]`.
 pub fn lm_logits(

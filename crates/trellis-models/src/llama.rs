@@ -14,7 +14,7 @@ use trellis_plugin::{ForwardContext, Model, ModelConfig};
 use crate::error::{ModelError, Result as LoadResult};
 use crate::gguf::GgufMetadata;
 use crate::layers::{
-    Attention, AttentionConfig, Embedding, Linear, Mlp, RmsNorm, Rope, RopeConfig, RopeScaling,
+    AttentionConfig, DecoderLayer, Embedding, Linear, RmsNorm, RopeConfig, RopeScaling,
     RotaryEmbedding, lm_logits,
 };
 use crate::registry::{ModelConfigSource, ModelLoadContext, parse_hf_config};
@@ -137,47 +137,6 @@ impl Config {
     }
 }
 
-/// One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
-#[derive(Debug, Clone)]
-struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
-}
-
-impl DecoderLayer {
-    fn load(ws: &dyn WeightSource, cfg: &Config, i: usize) -> LoadResult<Self> {
-        let p = format!("model.layers.{i}");
-        let h = cfg.hidden_size;
-        Ok(Self {
-            input_layernorm: RmsNorm::load(
-                ws,
-                &format!("{p}.input_layernorm.weight"),
-                h,
-                cfg.rms_norm_eps,
-            )?,
-            self_attn: Attention::load(ws, &format!("{p}.self_attn"), cfg.attention(), i)?,
-            post_attention_layernorm: RmsNorm::load(
-                ws,
-                &format!("{p}.post_attention_layernorm.weight"),
-                h,
-                cfg.rms_norm_eps,
-            )?,
-            mlp: Mlp::load(ws, &format!("{p}.mlp"), h, cfg.intermediate_size)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, rope: &Rope, ctx: &mut ForwardContext<'_>) -> Result<Tensor> {
-        let x = (x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, ctx)?)?;
-        &x + self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?
-    }
-}
-
 /// `LlamaForCausalLM`.
 #[derive(Debug, Clone)]
 pub struct Llama {
@@ -216,7 +175,15 @@ impl Llama {
         }
         let embed_tokens = Embedding::new(ws, "model.embed_tokens.weight", embed, vocab, h)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(ws, &cfg, i))
+            .map(|i| {
+                DecoderLayer::load(
+                    ws,
+                    i,
+                    cfg.attention(),
+                    cfg.rms_norm_eps,
+                    cfg.intermediate_size,
+                )
+            })
             .collect::<LoadResult<Vec<_>>>()?;
         let norm = RmsNorm::load(ws, "model.norm.weight", h, cfg.rms_norm_eps)?;
         let head = match cfg.tie_word_embeddings || !ws.contains("lm_head.weight") {
