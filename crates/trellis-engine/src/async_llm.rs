@@ -22,7 +22,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 use trellis_sched::{FinishReason, SchedulerStats};
@@ -30,6 +30,7 @@ use trellis_sched::{FinishReason, SchedulerStats};
 use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::llm::{LLMEngine, Prompt, ResolvedConfig};
+use crate::metrics::{LogLevel, PrometheusMetrics, StatLoggerManager, log_line};
 use crate::outputs::{CompletionDelta, CompletionOutput, RequestOutput, RequestUpdate};
 use crate::sampling_params::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -62,6 +63,8 @@ pub struct EngineStats {
     pub num_streams: usize,
     /// Steps that failed so far (errors or panics in the model).
     pub num_failed_steps: u64,
+    /// Requests the stats collector still tracks (0 when idle, or when stats are off).
+    pub num_stats_requests: usize,
 }
 
 /// A request for [`AsyncLLM::generate_with`].
@@ -139,6 +142,8 @@ pub struct AsyncLLM {
     commands: std_mpsc::Sender<Command>,
     config: ResolvedConfig,
     tokenizer: Arc<Tokenizer>,
+    prometheus: Option<Arc<PrometheusMetrics>>,
+    stat_logger_names: Vec<String>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
     next_id: std::sync::atomic::AtomicU64,
 }
@@ -151,7 +156,8 @@ impl AsyncLLM {
     }
 
     /// [`Self::new`] with registries that plugins added to (see
-    /// [`LLMEngine::with_registries`]).
+    /// [`LLMEngine::with_registries`]); their stat loggers (`Registries::stat_loggers`) run
+    /// before the built-in ones.
     pub fn with_registries(
         config: EngineConfig,
         registries: trellis_plugin::Registries,
@@ -160,21 +166,36 @@ impl AsyncLLM {
         let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("trellis-engine".into())
-            .spawn(
-                move || match LLMEngine::with_registries(config, &registries) {
-                    Ok(engine) => {
-                        let facts = (engine.config().clone(), engine.tokenizer().clone());
+            .spawn(move || {
+                let started = LLMEngine::with_registries(config, &registries).and_then(|engine| {
+                    let stats = stat_logger_manager(&engine, &registries)?;
+                    Ok((engine, stats))
+                });
+                match started {
+                    Ok((mut engine, mut stats)) => {
+                        if let Some(s) = stats.as_mut() {
+                            engine.enable_stats();
+                            s.log_engine_initialized();
+                        }
+                        let facts = Facts {
+                            config: engine.config().clone(),
+                            tokenizer: engine.tokenizer().clone(),
+                            prometheus: stats.as_ref().map(|s| s.prometheus()),
+                            stat_logger_names: stats.as_ref().map_or_else(Vec::new, |s| {
+                                s.names().into_iter().map(str::to_string).collect()
+                            }),
+                        };
                         if ready_tx.send(Ok(facts)).is_ok() {
-                            EngineLoop::new(engine).run(cmd_rx);
+                            EngineLoop::new(engine, stats).run(cmd_rx);
                         }
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                     }
-                },
-            )
+                }
+            })
             .map_err(|e| EngineError::Internal(format!("cannot start the engine thread: {e}")))?;
-        let (config, tokenizer) = match ready_rx.recv() {
+        let facts = match ready_rx.recv() {
             Ok(r) => r?,
             Err(_) => {
                 return Err(EngineError::Internal(
@@ -184,8 +205,10 @@ impl AsyncLLM {
         };
         Ok(AsyncLLM {
             commands: cmd_tx,
-            config,
-            tokenizer,
+            config: facts.config,
+            tokenizer: facts.tokenizer,
+            prometheus: facts.prometheus,
+            stat_logger_names: facts.stat_logger_names,
             thread: std::sync::Mutex::new(Some(thread)),
             next_id: std::sync::atomic::AtomicU64::new(0),
         })
@@ -199,6 +222,29 @@ impl AsyncLLM {
     /// The tokenizer (shared with the engine thread).
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
+    }
+
+    /// The metrics the Prometheus stat logger records into; `None` when stats are off
+    /// (`disable_log_stats` without stat-logger plugins).
+    pub fn prometheus_metrics(&self) -> Option<&Arc<PrometheusMetrics>> {
+        self.prometheus.as_ref()
+    }
+
+    /// The stat loggers in call order: plugins' by name, then `logging` and `prometheus`.
+    pub fn stat_logger_names(&self) -> &[String] {
+        &self.stat_logger_names
+    }
+
+    /// The Prometheus exposition served at `/metrics`: the `vllm:` families (when stats are
+    /// on) and the `process_` ones.
+    pub fn render_metrics(&self) -> String {
+        let mut out = self
+            .prometheus
+            .as_ref()
+            .map(|p| p.render())
+            .unwrap_or_default();
+        out.push_str(&crate::metrics::render_process_metrics());
+        out
     }
 
     /// The longest sequence (prompt plus output) the engine accepts.
@@ -292,9 +338,68 @@ impl Drop for AsyncLLM {
     }
 }
 
+/// What the engine thread reports once the engine is built.
+struct Facts {
+    config: ResolvedConfig,
+    tokenizer: Arc<Tokenizer>,
+    prometheus: Option<Arc<PrometheusMetrics>>,
+    stat_logger_names: Vec<String>,
+}
+
+/// The stat loggers of a serving engine (vLLM's `StatLoggerManager` assembly, spec §7.2):
+/// none when stats are disabled and no plugin brought one.
+fn stat_logger_manager(
+    engine: &LLMEngine,
+    registries: &trellis_plugin::Registries,
+) -> Result<Option<StatLoggerManager>, EngineError> {
+    let rc = engine.config();
+    let custom = &registries.stat_loggers;
+    let disabled = rc.engine.disable_log_stats;
+    if disabled && custom.is_empty() {
+        return Ok(None);
+    }
+    if disabled {
+        log_line(
+            LogLevel::Info,
+            "async_llm.rs",
+            line!(),
+            "AsyncLLM created with log_stats=False, but custom stat loggers were found; \
+             enabling logging without default stat loggers.",
+        );
+    }
+    let model = rc.engine.model.display().to_string();
+    let config = trellis_plugin::StatLoggerConfig {
+        served_model_name: rc
+            .engine
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| model.clone()),
+        model,
+        max_model_len: rc.scheduler.max_model_len,
+        block_size: rc.scheduler.block_size,
+        num_gpu_blocks: rc.scheduler.num_blocks,
+        cache_dtype: "auto".into(),
+        enable_prefix_caching: rc.scheduler.enable_prefix_caching,
+        max_num_seqs: rc.scheduler.max_num_seqs,
+        max_num_batched_tokens: rc.scheduler.max_num_batched_tokens,
+        device_type: rc.device_type.clone(),
+        log_stats_interval: trellis_plugin::stats::log_stats_interval(),
+    };
+    StatLoggerManager::new(&config, 0, custom, !disabled).map(Some)
+}
+
 struct Stream {
     updates: mpsc::UnboundedSender<RequestUpdate>,
     n: usize,
+}
+
+/// The stat loggers and when they last logged.
+struct StatsState {
+    manager: StatLoggerManager,
+    interval: Duration,
+    last_log: Instant,
+    /// Something changed since the last record (a step ran, a request was aborted).
+    dirty: bool,
 }
 
 /// The loop on the engine thread.
@@ -302,27 +407,72 @@ struct EngineLoop {
     engine: LLMEngine,
     streams: HashMap<String, Stream>,
     failed_steps: u64,
+    stats: Option<StatsState>,
 }
 
 impl EngineLoop {
-    fn new(engine: LLMEngine) -> Self {
+    fn new(engine: LLMEngine, manager: Option<StatLoggerManager>) -> Self {
+        let interval = Duration::from_secs_f64(trellis_plugin::stats::log_stats_interval());
         EngineLoop {
             engine,
             streams: HashMap::new(),
             failed_steps: 0,
+            stats: manager.map(|manager| StatsState {
+                manager,
+                interval,
+                last_log: Instant::now(),
+                dirty: false,
+            }),
+        }
+    }
+
+    /// Waits for a command while idle; with stat loggers, wakes up in time to log.
+    fn wait(&mut self, commands: &std_mpsc::Receiver<Command>) -> Result<Option<Command>, ()> {
+        let Some(s) = self.stats.as_ref() else {
+            return commands.recv().map(Some).map_err(|_| ());
+        };
+        let wait = s.interval.saturating_sub(s.last_log.elapsed());
+        match commands.recv_timeout(wait) {
+            Ok(cmd) => Ok(Some(cmd)),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => Err(()),
+        }
+    }
+
+    /// Records what changed since the last record, and logs when the interval is over.
+    fn stats_tick(&mut self) {
+        let Some(s) = self.stats.as_mut() else {
+            return;
+        };
+        if s.dirty {
+            s.dirty = false;
+            let manager = &mut s.manager;
+            self.engine
+                .record_stats(|sched, it| manager.record(Some(sched), Some(it)));
+        }
+        if s.last_log.elapsed() >= s.interval {
+            s.last_log = Instant::now();
+            s.manager.log();
+        }
+    }
+
+    fn mark_dirty(&mut self) {
+        if let Some(s) = self.stats.as_mut() {
+            s.dirty = true;
         }
     }
 
     fn run(mut self, commands: std_mpsc::Receiver<Command>) {
         loop {
             if self.streams.is_empty() {
-                match commands.recv() {
-                    Ok(cmd) => {
+                match self.wait(&commands) {
+                    Ok(Some(cmd)) => {
                         if !self.handle(cmd) {
                             return self.stop();
                         }
                     }
-                    Err(_) => return self.stop(),
+                    Ok(None) => {}
+                    Err(()) => return self.stop(),
                 }
             }
             loop {
@@ -347,7 +497,9 @@ impl EngineLoop {
             }
             if !self.streams.is_empty() {
                 self.step();
+                self.mark_dirty();
             }
+            self.stats_tick();
         }
     }
 
@@ -396,6 +548,7 @@ impl EngineLoop {
     fn abort(&mut self, id: &str) {
         if self.streams.remove(id).is_some() {
             self.engine.abort(id);
+            self.mark_dirty();
         }
     }
 
@@ -410,6 +563,10 @@ impl EngineLoop {
             num_unfinished_requests: core.scheduler().num_unfinished_requests(),
             num_streams: self.streams.len(),
             num_failed_steps: self.failed_steps,
+            num_stats_requests: self
+                .engine
+                .stats_collector()
+                .map_or(0, |c| c.num_requests()),
         }
     }
 

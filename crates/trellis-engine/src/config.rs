@@ -47,6 +47,13 @@ pub struct EngineConfig {
     /// Attention backend by registry name (`--attention-backend`, case-insensitive); `None` or
     /// `auto` chooses automatically from the platform's priority list.
     pub attention_backend: Option<String>,
+    /// The name clients use (`--served-model-name`): the `model_name` label of the Prometheus
+    /// metrics. Defaults to the model path.
+    pub served_model_name: Option<String>,
+    /// No built-in stat loggers (`--disable-log-stats`): no periodic stats line and no
+    /// `vllm:` metrics, unless a stat-logger plugin is present (then only the line is off).
+    /// Only the serving engine ([`crate::AsyncLLM`]) logs stats.
+    pub disable_log_stats: bool,
 }
 
 impl EngineConfig {
@@ -65,6 +72,8 @@ impl EngineConfig {
             seed: 0,
             usage: UsageContext::Offline,
             attention_backend: None,
+            served_model_name: None,
+            disable_log_stats: false,
         }
     }
 

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use trellis_sched::{
-    FinishReason, NewRequest, RequestId, Scheduler, SchedulerStats, StopConditions,
+    FinishReason, NewRequest, RequestId, Scheduler, SchedulerOutput, SchedulerStats, StopConditions,
 };
 
 use crate::error::EngineError;
@@ -66,12 +66,17 @@ pub struct StepOutput {
 pub struct EngineCore {
     scheduler: Scheduler,
     runner: ModelRunner,
+    last_plan: Option<SchedulerOutput>,
 }
 
 impl EngineCore {
     /// Joins a scheduler and a runner that share the same KV-cache geometry.
     pub fn new(scheduler: Scheduler, runner: ModelRunner) -> Self {
-        EngineCore { scheduler, runner }
+        EngineCore {
+            scheduler,
+            runner,
+            last_plan: None,
+        }
     }
 
     /// The scheduler (read-only).
@@ -152,6 +157,11 @@ impl EngineCore {
         self.scheduler.stats()
     }
 
+    /// The plan of the last step that ran (for stats).
+    pub fn last_plan(&self) -> Option<&SchedulerOutput> {
+        self.last_plan.as_ref()
+    }
+
     /// One engine step.
     pub fn step(&mut self) -> Result<Vec<StepOutput>, EngineError> {
         let plan = self.scheduler.schedule();
@@ -192,6 +202,7 @@ impl EngineCore {
             entry.num_cached_tokens = o.num_cached_tokens;
             entry.error = o.error;
         }
+        self.last_plan = Some(plan);
         Ok(order
             .into_iter()
             .filter_map(|id| results.remove(&id))

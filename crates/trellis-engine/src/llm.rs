@@ -9,6 +9,7 @@ use trellis_sched::{Scheduler, SchedulerConfig};
 use crate::config::{EngineConfig, UsageContext};
 use crate::engine_core::{EngineCore, EngineCoreRequest};
 use crate::error::EngineError;
+use crate::metrics::StatsCollector;
 use crate::model_runner::ModelRunner;
 use crate::output_processor::{OutputProcessor, child_request_id};
 use crate::outputs::{RequestOutput, RequestUpdate};
@@ -57,6 +58,8 @@ pub struct ResolvedConfig {
     pub attention_backend: String,
     /// Device name of the platform the engine runs on.
     pub platform: String,
+    /// Device type of that platform (`cpu`, `cuda`, ...).
+    pub device_type: String,
 }
 
 /// The engine: tokenizer, engine core and output processor, driven step by step.
@@ -66,6 +69,7 @@ pub struct LLMEngine {
     tokenizer: Arc<Tokenizer>,
     config: ResolvedConfig,
     seeds: Generator,
+    stats: Option<StatsCollector>,
 }
 
 impl LLMEngine {
@@ -147,8 +151,10 @@ impl LLMEngine {
                 model: model_cfg,
                 attention_backend: setup.attention.name,
                 platform: setup.platform.device_name().to_string(),
+                device_type: setup.platform.device_type().to_string(),
             },
             seeds,
+            stats: None,
         })
     }
 
@@ -165,6 +171,32 @@ impl LLMEngine {
     /// The engine core (read-only; stats and leak checks).
     pub fn core(&self) -> &EngineCore {
         &self.core
+    }
+
+    /// Starts collecting stats for stat loggers (vLLM's `log_stats`); off by default.
+    pub fn enable_stats(&mut self) {
+        if self.stats.is_none() {
+            self.stats = Some(StatsCollector::new());
+        }
+    }
+
+    /// The stats collector, when stats are on.
+    pub fn stats_collector(&self) -> Option<&StatsCollector> {
+        self.stats.as_ref()
+    }
+
+    /// Hands the scheduler's state and the iteration stats gathered since the previous call to
+    /// `sink`, then starts a new iteration. Nothing happens when stats are off.
+    pub fn record_stats(
+        &mut self,
+        sink: impl FnOnce(&trellis_plugin::SchedulerStats, &trellis_plugin::IterationStats),
+    ) {
+        let Some(stats) = self.stats.as_mut() else {
+            return;
+        };
+        let sched = stats.scheduler_stats(self.core.scheduler());
+        sink(&sched, stats.iteration());
+        stats.clear_iteration();
     }
 
     /// Tokenizes a prompt.
@@ -203,8 +235,12 @@ impl LLMEngine {
             if let Some(seed) = params.seed {
                 child.seed = Some(seed.wrapping_add(index as u64));
             }
+            let child_id = child_request_id(request_id, index, n);
+            if let Some(stats) = self.stats.as_mut() {
+                stats.on_add(&child_id, arrival_time, prompt_ids.len(), params.max_tokens);
+            }
             let res = self.core.add_request(EngineCoreRequest {
-                request_id: child_request_id(request_id, index, n),
+                request_id: child_id,
                 prompt_token_ids: prompt_ids.clone(),
                 params: child,
                 eos_token_ids: self.tokenizer.eos_token_ids().to_vec(),
@@ -214,8 +250,12 @@ impl LLMEngine {
                 fallback_seed: self.seeds.next_u64(),
             });
             if let Err(e) = res {
-                for j in 0..index {
-                    self.core.abort(&child_request_id(request_id, j, n));
+                for j in 0..=index {
+                    let child = child_request_id(request_id, j, n);
+                    self.core.abort(&child);
+                    if let Some(stats) = self.stats.as_mut() {
+                        stats.forget(&child);
+                    }
                 }
                 return Err(e);
             }
@@ -233,6 +273,9 @@ impl LLMEngine {
     pub fn abort(&mut self, request_id: &str) {
         for child in self.processor.unfinished_children(request_id) {
             self.core.abort(&child);
+            if let Some(stats) = self.stats.as_mut() {
+                stats.finish(&child, trellis_sched::FinishReason::Abort);
+            }
         }
         self.processor.remove_request(request_id);
     }
@@ -244,11 +287,28 @@ impl LLMEngine {
 
     /// One engine step; returns what changed for each request.
     pub fn step(&mut self) -> Result<Vec<RequestUpdate>, EngineError> {
+        let scheduled_at = self.stats.as_ref().map(|s| s.step_started());
         let outputs = self.core.step()?;
+        if let (Some(stats), Some(at), Some(plan)) =
+            (self.stats.as_mut(), scheduled_at, self.core.last_plan())
+        {
+            stats.on_step(plan, &outputs, at);
+        }
         let (updates, stopped) = self.processor.process(outputs);
         for id in stopped {
             self.core
                 .finish_request(&id, trellis_sched::FinishReason::Stop);
+            if let Some(stats) = self.stats.as_mut() {
+                stats.finish(&id, trellis_sched::FinishReason::Stop);
+            }
+        }
+        if let Some(stats) = self.stats.as_mut() {
+            for u in &updates {
+                if let Some(out) = &u.finished {
+                    let longest = out.outputs.iter().map(|o| o.token_ids.len()).max();
+                    stats.on_parent_finished(out.outputs.len(), longest.unwrap_or(0));
+                }
+            }
         }
         Ok(updates)
     }

@@ -11,6 +11,7 @@ pub mod model;
 pub mod model_registry;
 pub mod platform;
 pub mod registries;
+pub mod stats;
 pub mod weights;
 
 pub use attention::{
@@ -28,6 +29,10 @@ pub use platform::{
     resolve_platform, resolve_platform_with,
 };
 pub use registries::Registries;
+pub use stats::{
+    FinishReason, FinishedRequestStats, IterationStats, PrefixCacheStats, PromptTokenStats,
+    SchedulerStats, StatLogger, StatLoggerConfig, StatLoggerError, StatLoggerFactory,
+};
 pub use weights::{GgufMetadata, RopeStyle, WeightSource};
 
 // Plugin loading (groups, declarations, registrar, discovery, fingerprints): see
@@ -45,7 +50,7 @@ pub use fingerprint::{BUILD_FINGERPRINT, set_host_cargo_lock};
 pub use group::PluginGroup;
 pub use loader::{
     AllowList, DiscoveredPlugin, LoadedPlugin, PluginLoadError, PluginOrigin, discover_plugins,
-    load_general_plugins, load_platform_plugins, load_plugins_by_group,
+    load_general_plugins, load_platform_plugins, load_plugins_by_group, load_stat_logger_plugins,
 };
 pub use registrar::{RegisterResult, Registrar};
 pub use report::{PluginReport, PluginStatus, plugin_reports};

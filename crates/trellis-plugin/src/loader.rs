@@ -449,6 +449,64 @@ pub fn load_platform_plugins() -> Result<Vec<NamedPlatform>, PluginLoadError> {
     outcome
 }
 
+/// Runs every allowed `stat_logger` plugin with `registries` (vLLM's
+/// `load_stat_logger_plugin_factories`; only the serving engine calls it). Each entry must
+/// register at least one stat logger: one that registers none is refused, as vLLM refuses an
+/// entry point that is not a `StatLoggerBase` subclass. The first plugin that fails stops it
+/// with an error naming the plugin.
+pub fn load_stat_logger_plugins(
+    registries: &mut crate::registries::Registries,
+) -> Result<(), PluginLoadError> {
+    for p in load_plugins_by_group(PluginGroup::StatLogger)? {
+        let mut counting = CountStatLoggers {
+            inner: registries,
+            count: 0,
+        };
+        p.register(&mut counting)?;
+        if counting.count == 0 {
+            return Err(p.failed(format!(
+                "Stat logger plugin '{}' must register a stat logger \
+                 (Registrar::register_stat_logger); it registered none",
+                p.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Forwards to the registries and counts the stat loggers registered.
+struct CountStatLoggers<'a> {
+    inner: &'a mut crate::registries::Registries,
+    count: usize,
+}
+
+impl Registrar for CountStatLoggers<'_> {
+    fn register_model(&mut self, architecture: &str, factory: crate::ModelFactory) {
+        Registrar::register_model(self.inner, architecture, factory);
+    }
+
+    fn register_model_lazy(&mut self, architecture: &str, make: crate::LazyModelFactory) {
+        Registrar::register_model_lazy(self.inner, architecture, make);
+    }
+
+    fn model_factory(&self, architecture: &str) -> Option<crate::ModelFactory> {
+        self.inner.model_factory(architecture)
+    }
+
+    fn register_attention_backend(
+        &mut self,
+        name: &str,
+        backend: Arc<dyn crate::AttentionBackend>,
+    ) -> Result<(), crate::PluginError> {
+        self.inner.register_attention_backend(name, backend)
+    }
+
+    fn register_stat_logger(&mut self, name: &str, factory: crate::StatLoggerFactory) {
+        self.count += 1;
+        self.inner.register_stat_logger(name, factory);
+    }
+}
+
 /// Opens the library at `path` (built from crate `crate_name`), checks the fingerprint it
 /// exports against this host's and returns its declarations; used by `trellis plugins build`
 /// to write the manifest. The library stays loaded.

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::attention::AttentionBackend;
 use crate::error::PluginError;
 use crate::model_registry::{LazyModelFactory, ModelFactory};
+use crate::stats::StatLoggerFactory;
 
 /// What a plugin entry returns: `Ok(())`, or any error, which stops startup with the plugin's
 /// name and this error's text.
@@ -38,6 +39,12 @@ pub trait Registrar {
         name: &str,
         backend: Arc<dyn AttentionBackend>,
     ) -> Result<(), PluginError>;
+
+    /// Registers a stat logger under `name` (vLLM: a `vllm.stat_logger_plugins` entry point
+    /// naming a `StatLoggerBase` subclass). The serving engine builds one logger per engine
+    /// from `factory`, before its built-in loggers; a second registration of `name` replaces
+    /// the first.
+    fn register_stat_logger(&mut self, name: &str, factory: StatLoggerFactory);
 }
 
 /// One registration a general plugin made, kept so that it can be replayed.
@@ -46,6 +53,7 @@ pub(crate) enum Registration {
     Model(String, ModelFactory),
     ModelLazy(String, LazyModelFactory),
     AttentionBackend(String, Arc<dyn AttentionBackend>),
+    StatLogger(String, StatLoggerFactory),
 }
 
 impl Registration {
@@ -57,6 +65,7 @@ impl Registration {
             Registration::AttentionBackend(n, b) => {
                 target.register_attention_backend(n, b.clone())?
             }
+            Registration::StatLogger(n, f) => target.register_stat_logger(n, f.clone()),
         }
         Ok(())
     }
@@ -104,6 +113,12 @@ impl Registrar for Recorder<'_> {
             .push(Registration::AttentionBackend(name.to_string(), backend));
         Ok(())
     }
+
+    fn register_stat_logger(&mut self, name: &str, factory: StatLoggerFactory) {
+        self.log
+            .push(Registration::StatLogger(name.to_string(), factory.clone()));
+        self.inner.register_stat_logger(name, factory);
+    }
 }
 
 impl Registrar for crate::registries::Registries {
@@ -126,5 +141,9 @@ impl Registrar for crate::registries::Registries {
         backend: Arc<dyn AttentionBackend>,
     ) -> Result<(), PluginError> {
         self.attention_backends.register_backend(name, backend)
+    }
+
+    fn register_stat_logger(&mut self, name: &str, factory: StatLoggerFactory) {
+        crate::registries::Registries::register_stat_logger(self, name, factory);
     }
 }

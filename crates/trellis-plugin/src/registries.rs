@@ -10,6 +10,7 @@ use crate::error::{PluginError, Result as ModelResult};
 use crate::model::Model;
 use crate::model_registry::{ModelFactory, ModelLoadContext, ModelRegistry};
 use crate::platform::{NamedPlatform, Platform};
+use crate::stats::StatLoggerFactory;
 
 /// Every registry a plugin can register into.
 #[derive(Clone, Default)]
@@ -23,6 +24,8 @@ pub struct Registries {
     /// Activated built-in platforms in detection order (the host fills it: CUDA when built
     /// with it and a GPU is found, then the CPU, always). Plugins do not touch it.
     pub builtin_platforms: Vec<NamedPlatform>,
+    /// Custom stat loggers (group `stat_logger`), with their names, in registration order.
+    pub stat_loggers: Vec<(String, StatLoggerFactory)>,
 }
 
 impl std::fmt::Debug for Registries {
@@ -38,6 +41,14 @@ impl std::fmt::Debug for Registries {
             .field("attention_backends", &self.attention_backends)
             .field("platforms", &platforms)
             .field("builtin_platforms", &builtins)
+            .field(
+                "stat_loggers",
+                &self
+                    .stat_loggers
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -86,6 +97,15 @@ impl Registries {
         match self.platforms.iter_mut().find(|(n, _)| n == name) {
             Some(slot) => slot.1 = platform,
             None => self.platforms.push((name.to_string(), platform)),
+        }
+    }
+
+    /// Registers a custom stat logger under `name` (a second registration of the same name
+    /// replaces the first, keeping its place).
+    pub fn register_stat_logger(&mut self, name: &str, factory: StatLoggerFactory) {
+        match self.stat_loggers.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = factory,
+            None => self.stat_loggers.push((name.to_string(), factory)),
         }
     }
 }

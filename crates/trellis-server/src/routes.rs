@@ -135,3 +135,16 @@ pub async fn not_found(req: Request) -> ApiError {
 pub async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
 }
+
+/// `GET /metrics`: the Prometheus exposition (vLLM's `vllm:` families and process metrics),
+/// not behind the API key, as in vLLM.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.engine.render_metrics(),
+    )
+        .into_response()
+}

@@ -187,6 +187,10 @@ pub struct ServeArgs {
     /// Do not log one line per request.
     #[arg(long)]
     pub disable_log_requests: bool,
+    /// Turn off the built-in stat loggers: the periodic stats line and the `vllm:` metrics of
+    /// /metrics (stat-logger plugins still run).
+    #[arg(long)]
+    pub disable_log_stats: bool,
 }
 
 #[derive(Debug, Args)]

@@ -21,6 +21,8 @@ use custom_attention as _;
 use dummy_model as _;
 #[cfg(feature = "example-plugins")]
 use dummy_platform as _;
+#[cfg(feature = "example-plugins")]
+use json_stat_logger as _;
 
 fn main() -> ExitCode {
     trellis_plugin::set_host_cargo_lock(plugins::HOST_CARGO_LOCK);

@@ -51,7 +51,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ),
         None => None,
     };
-    let registries = crate::platforms::engine_registries()?;
+    config.served_model_name = Some(served_name.clone());
+    config.disable_log_stats = args.disable_log_stats;
+    let mut registries = crate::platforms::engine_registries()?;
+    // Stat-logger plugins are loaded by the serving engine only, as in vLLM.
+    trellis_plugin::load_stat_logger_plugins(&mut registries)?;
     let engine = Arc::new(
         AsyncLLM::with_registries(config, registries)
             .with_context(|| format!("cannot load {model_path}"))?,
