@@ -22,12 +22,13 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, *extra: str):
+    def __init__(self, *extra: str, env_extra: dict | None = None):
         binary = os.environ.get("TRELLIS_BIN", str(ROOT / "target" / "debug" / "trellis"))
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(ROOT / "target" / f"trellis-serve-{self.port}.log", "w+")
         env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+        env.update(env_extra or {})
         self.proc = subprocess.Popen(
             [binary, "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-memory", "256M", *extra],

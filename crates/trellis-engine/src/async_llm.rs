@@ -439,8 +439,8 @@ impl EngineLoop {
         }
     }
 
-    /// Records what changed since the last record, and logs when the interval is over.
-    fn stats_tick(&mut self) {
+    /// Hands what changed since the last record to the stat loggers.
+    fn record_stats(&mut self) {
         let Some(s) = self.stats.as_mut() else {
             return;
         };
@@ -450,6 +450,14 @@ impl EngineLoop {
             self.engine
                 .record_stats(|sched, it| manager.record(Some(sched), Some(it)));
         }
+    }
+
+    /// Records what changed since the last record, and logs when the interval is over.
+    fn stats_tick(&mut self) {
+        self.record_stats();
+        let Some(s) = self.stats.as_mut() else {
+            return;
+        };
         if s.last_log.elapsed() >= s.interval {
             s.last_log = Instant::now();
             s.manager.log();
@@ -497,7 +505,6 @@ impl EngineLoop {
             }
             if !self.streams.is_empty() {
                 self.step();
-                self.mark_dirty();
             }
             self.stats_tick();
         }
@@ -584,6 +591,10 @@ impl EngineLoop {
                 return self.fail_all(&format!("the engine step panicked: {msg}"));
             }
         };
+        // Record before the outputs go out, so that a client that got its last token
+        // already sees it counted in /metrics.
+        self.mark_dirty();
+        self.record_stats();
         for u in updates {
             let id = u.request_id.clone();
             let finished = u.finished.is_some();
@@ -602,13 +613,14 @@ impl EngineLoop {
     /// Fails every request in flight with `message`, frees them, and keeps the loop alive.
     fn fail_all(&mut self, message: &str) {
         self.failed_steps += 1;
+        self.mark_dirty();
         eprintln!(
             "trellis engine: step failed, failing {} request(s): {message}",
             self.streams.len()
         );
         let ids: Vec<String> = self.streams.keys().cloned().collect();
         for id in ids {
-            self.engine.abort(&id);
+            self.engine.abort_with(&id, FinishReason::Error);
             let Some(s) = self.streams.remove(&id) else {
                 continue;
             };

@@ -271,10 +271,16 @@ impl LLMEngine {
 
     /// Aborts a request and all its children; their KV blocks are freed now.
     pub fn abort(&mut self, request_id: &str) {
+        self.abort_with(request_id, trellis_sched::FinishReason::Abort);
+    }
+
+    /// [`Self::abort`], recorded in the stats with `reason` (`Error` when a failing step
+    /// ended it).
+    pub fn abort_with(&mut self, request_id: &str, reason: trellis_sched::FinishReason) {
         for child in self.processor.unfinished_children(request_id) {
             self.core.abort(&child);
             if let Some(stats) = self.stats.as_mut() {
-                stats.finish(&child, trellis_sched::FinishReason::Abort);
+                stats.finish(&child, reason);
             }
         }
         self.processor.remove_request(request_id);

@@ -1,6 +1,7 @@
 //! Stat loggers on the serving engine (spec §7.2, vLLM's `test_stats_logger_plugins.py` and
 //! `test_engine_logger_apis.py`): assembly order, `disable_log_stats` with and without a
 //! custom logger, and what a custom logger receives for a known workload.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -235,3 +235,160 @@ fn failing_plugin_stops_generate_with_its_name() {
         "start-up stops before the platform: {err}"
     );
 }
+
+const JSON_STAT_LOGGER: &str = "json-stat-logger";
+
+/// A `trellis serve` child on an ephemeral port with its stderr lines on a channel.
+struct Served {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    addr: String,
+    seen: Vec<String>,
+}
+
+impl Served {
+    fn start(mut cmd: Command) -> Served {
+        cmd.arg("serve")
+            .arg(default_model())
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--kv-cache-memory",
+                "64M",
+            ])
+            .args(["--max-model-len", "512", "--served-model-name", "smollm2"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut s = Served {
+            child,
+            lines,
+            addr: String::new(),
+            seen: Vec::new(),
+        };
+        let l = s.wait_line(|l| l.starts_with("Trellis serving "));
+        s.addr = l.rsplit("http://").next().unwrap().to_string();
+        s
+    }
+
+    /// The next stderr line that satisfies `f` (panics if the server exits first).
+    fn wait_line(&mut self, f: impl Fn(&str) -> bool) -> String {
+        while let Ok(l) = self.lines.recv() {
+            self.seen.push(l.clone());
+            if f(&l) {
+                return l;
+            }
+        }
+        panic!("trellis serve ended: {}", self.seen.join("\n"));
+    }
+
+    /// POST /v1/completions over a plain TCP connection; returns the JSON body.
+    fn complete(&self, prompt: &str, max_tokens: usize) -> serde_json::Value {
+        use std::io::{Read, Write};
+        let body = serde_json::json!({"model": "smollm2", "prompt": prompt,
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
+        .to_string();
+        let mut c = std::net::TcpStream::connect(&self.addr).unwrap();
+        write!(
+            c,
+            "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        serde_json::from_str(resp.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn json_stat_logger_fills_its_file_and_vllm_plugins_switches_it_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("stats.jsonl");
+    let serve = |allow: Option<&str>| {
+        let mut cmd = with(&[JSON_STAT_LOGGER]);
+        cmd.env("JSON_STAT_LOGGER_FILE", &file)
+            .env("VLLM_LOG_STATS_INTERVAL", "0.3")
+            .env("VLLM_TARGET_DEVICE", "cpu");
+        if let Some(a) = allow {
+            cmd.env("VLLM_PLUGINS", a);
+        }
+        Served::start(cmd)
+    };
+    let is_busy_line =
+        |l: &str| l.contains("Engine 000: ") && !l.contains("generation throughput: 0.0");
+
+    let mut s = serve(None);
+    let r = s.complete("The capital of France is", 6);
+    // The plugin logs before the built-in logging logger: once the busy interval's line is
+    // out, the plugin's line for it is in the file.
+    s.wait_line(is_busy_line);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let busy: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["generation_tokens"].as_u64() > Some(0))
+        .collect();
+    assert_eq!(busy.len(), 1, "{lines:?}");
+    let l = busy[0];
+    assert_eq!(l["generation_tokens"], r["usage"]["completion_tokens"]);
+    assert_eq!(l["prompt_tokens"], r["usage"]["prompt_tokens"]);
+    assert_eq!(l["finish_reasons"], serde_json::json!({"length": 1}));
+    assert_eq!(l["model_name"], "smollm2");
+    assert_eq!(l["initialized"], true);
+    // One line per interval, busy or idle.
+    s.wait_line(|l| l.contains("Engine 000: "));
+    assert!(std::fs::read_to_string(&file).unwrap().lines().count() > lines.len());
+    drop(s);
+
+    // VLLM_PLUGINS="" leaves it out: the intervals pass, the file is never written.
+    std::fs::remove_file(&file).unwrap();
+    let mut s = serve(Some(""));
+    s.complete("The capital of France is", 6);
+    s.wait_line(is_busy_line);
+    s.wait_line(|l| l.contains("Engine 000: "));
+    assert!(
+        !file.exists(),
+        "the filtered-out plugin wrote {}",
+        file.display()
+    );
+    drop(s);
+
+    // Listed in its group.
+    let (code, out, err) = run(with(&[JSON_STAT_LOGGER]).args(["plugins", "list"]));
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("json_stat_logger\t"))
+        .unwrap_or_else(|| panic!("not listed: {out}"));
+    assert!(line.contains("\tstat_logger\t"), "{line}");
+    assert!(line.ends_with("\tloaded"), "{line}");
+}
