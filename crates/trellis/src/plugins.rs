@@ -122,13 +122,17 @@ pub fn build(path: &Path, debug: bool) -> Result<()> {
         package.name,
         target_dir.display()
     );
+    // `cargo rustc --crate-type cdylib` builds the library alone: no rlib is written, so a
+    // target directory shared with a trellis build that compiles the same crate in (its
+    // `example-plugins`) never gets that build's rlib replaced by one linked against another
+    // copy of trellis-plugin.
     let mut build = cargo();
-    build.arg("build");
+    build.arg("rustc");
     if !debug {
         build.arg("--release");
     }
     let status = build
-        .args(["--lib", "--manifest-path"])
+        .args(["--lib", "--crate-type", "cdylib", "--manifest-path"])
         .arg(&manifest_path)
         .env("CARGO_TARGET_DIR", &target_dir)
         .status()
