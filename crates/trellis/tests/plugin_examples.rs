@@ -334,6 +334,8 @@ fn json_stat_logger_fills_its_file_and_vllm_plugins_switches_it_off() {
         let mut cmd = with(&[JSON_STAT_LOGGER]);
         cmd.env("JSON_STAT_LOGGER_FILE", &file)
             .env("VLLM_LOG_STATS_INTERVAL", "0.3")
+            // Every interval prints its line (idle ones at DEBUG): a clock for the test.
+            .env("VLLM_LOGGING_LEVEL", "DEBUG")
             .env("VLLM_TARGET_DEVICE", "cpu");
         if let Some(a) = allow {
             cmd.env("VLLM_PLUGINS", a);
@@ -345,28 +347,49 @@ fn json_stat_logger_fills_its_file_and_vllm_plugins_switches_it_off() {
 
     let mut s = serve(None);
     let r = s.complete("The capital of France is", 6);
-    // The plugin logs before the built-in logging logger: once the busy interval's line is
-    // out, the plugin's line for it is in the file.
-    s.wait_line(is_busy_line);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let busy: Vec<&serde_json::Value> = lines
-        .iter()
-        .filter(|l| l["generation_tokens"].as_u64() > Some(0))
-        .collect();
-    assert_eq!(busy.len(), 1, "{lines:?}");
-    let l = busy[0];
-    assert_eq!(l["generation_tokens"], r["usage"]["completion_tokens"]);
-    assert_eq!(l["prompt_tokens"], r["usage"]["prompt_tokens"]);
-    assert_eq!(l["finish_reasons"], serde_json::json!({"length": 1}));
-    assert_eq!(l["model_name"], "smollm2");
-    assert_eq!(l["initialized"], true);
-    // One line per interval, busy or idle.
-    s.wait_line(|l| l.contains("Engine 000: "));
-    assert!(std::fs::read_to_string(&file).unwrap().lines().count() > lines.len());
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let total = |lines: &[serde_json::Value], field: &str| -> u64 {
+        lines.iter().map(|l| l[field].as_u64().unwrap()).sum()
+    };
+    // One line per interval: the request may span several; wait until they add up to what
+    // the API returned (the engine records before the last token goes out, so they will).
+    let want = r["usage"]["completion_tokens"].as_u64().unwrap();
+    let mut lines = read();
+    for _ in 0..1000 {
+        if total(&lines, "generation_tokens") >= want {
+            break;
+        }
+        s.wait_line(|l| l.contains("Engine 000: "));
+        lines = read();
+    }
+    assert_eq!(total(&lines, "generation_tokens"), want, "{lines:?}");
+    assert_eq!(
+        total(&lines, "prompt_tokens"),
+        r["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(total(&lines, "finished_requests"), 1);
+    let done = lines.iter().find(|l| l["finished_requests"] == 1).unwrap();
+    assert_eq!(done["finish_reasons"], serde_json::json!({"length": 1}));
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["model_name"] == "smollm2" && l["initialized"] == true)
+    );
+    // Idle intervals still get their line.
+    let n = lines.len();
+    for _ in 0..1000 {
+        if read().len() > n {
+            break;
+        }
+        s.wait_line(|l| l.contains("Engine 000: "));
+    }
+    assert!(read().len() > n);
     drop(s);
 
     // VLLM_PLUGINS="" leaves it out: the intervals pass, the file is never written.
