@@ -36,6 +36,28 @@ def test_completion_stream_equals_non_stream(client):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
 
 
+def test_continuous_usage_stats(client):
+    # vLLM's extension: with include_usage, continuous_usage_stats puts the usage so far in
+    # every chunk.
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, stream=True,
+                                            stream_options=opts, extra_body={"ignore_eos": True}))
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counts == sorted(counts) and counts[-1] == 5
+    assert chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 5
+    chat = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0,
+                                               stream=True, stream_options=opts))
+    assert chat[0].usage.completion_tokens == 0
+    assert all(c.usage is not None for c in chat)
+    assert chat[-1].usage.completion_tokens == max(c.usage.completion_tokens for c in chat if c.choices)
+    # Without include_usage it is off, as in vLLM.
+    plain = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0, stream=True,
+                                           stream_options={"continuous_usage_stats": True}))
+    assert all(c.usage is None for c in plain)
+
+
 def test_chat_and_stream(client):
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"

@@ -14,6 +14,13 @@ pub struct PrefixCacheStats {
     pub queries: u64,
     /// Tokens found in the cache.
     pub hits: u64,
+    /// Lookups of requests coming back after a preemption (counted apart, as vLLM does, so
+    /// that recomputation does not inflate the hit rate).
+    pub preempted_requests: u64,
+    /// Tokens those looked up.
+    pub preempted_queries: u64,
+    /// Tokens those found.
+    pub preempted_hits: u64,
 }
 
 /// Owns the block pool and every request's block table.
@@ -84,9 +91,15 @@ impl KvCacheManager {
             }
         }
         let hit_tokens = blocks.len() * self.block_size;
-        self.stats.requests += 1;
-        self.stats.queries += request.num_tokens() as u64;
-        self.stats.hits += hit_tokens as u64;
+        if request.num_preemptions > 0 {
+            self.stats.preempted_requests += 1;
+            self.stats.preempted_queries += request.num_tokens() as u64;
+            self.stats.preempted_hits += hit_tokens as u64;
+        } else {
+            self.stats.requests += 1;
+            self.stats.queries += request.num_tokens() as u64;
+            self.stats.hits += hit_tokens as u64;
+        }
         (blocks, hit_tokens)
     }
 

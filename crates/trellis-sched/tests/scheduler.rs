@@ -495,3 +495,27 @@ fn skip_reading_prefix_cache_computes_the_whole_prompt() {
     let (plan, _) = step(&mut s, &mut fr);
     assert_eq!(plan.scheduled[0].num_computed_tokens, 0);
 }
+
+#[test]
+fn lookups_after_a_preemption_are_counted_apart() {
+    // The scenario above with prefix caching on: b is preempted and looks the cache up again
+    // when it comes back; vLLM keeps that lookup out of the hit-rate counters.
+    let mut s = Scheduler::new(config(5, 4, 6, 8)).unwrap();
+    let mut fr = FakeRunner::new(5, 4, 50_000);
+    s.add_request(req("a", ids(4, 0), 12)).unwrap();
+    step(&mut s, &mut fr);
+    s.add_request(req("b", ids(16, 100), 2)).unwrap();
+    for _ in 0..200 {
+        if !s.has_unfinished_requests() {
+            break;
+        }
+        step(&mut s, &mut fr);
+    }
+    let st = s.stats();
+    assert!(st.num_preemptions >= 1);
+    let pc = st.prefix_cache;
+    assert_eq!((pc.requests, pc.queries), (2, 4 + 16));
+    // One lookup per admission attempt (as in vLLM), so at least one per preemption.
+    assert!(pc.preempted_requests >= st.num_preemptions);
+    assert!(pc.preempted_queries >= 16);
+}

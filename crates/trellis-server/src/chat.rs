@@ -122,6 +122,7 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
         n,
         top_logprobs: logprobs,
         start,
+        continuous_usage: false,
     };
     if req.common.stream {
         let include_usage = req
@@ -129,6 +130,17 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage);
+        // vLLM: continuous usage needs include_usage too.
+        let continuous = include_usage
+            && req
+                .common
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.continuous_usage_stats);
+        let job = Job {
+            continuous_usage: continuous,
+            ..job
+        };
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(job.stream(stream, include_usage, tx));
         Ok(util::sse_response(rx))
@@ -146,6 +158,8 @@ struct Job {
     n: usize,
     top_logprobs: Option<usize>,
     start: Instant,
+    /// `stream_options.continuous_usage_stats` (with `include_usage`): usage in every chunk.
+    continuous_usage: bool,
 }
 
 impl Job {
@@ -269,14 +283,18 @@ impl Job {
                 finish_reason: None,
                 stop_reason: None,
             };
+            let usage = self
+                .continuous_usage
+                .then(|| Usage::new(self.prompt_tokens, 0));
             if tx
-                .send(util::sse_json(&self.response(OBJ, vec![first], None)))
+                .send(util::sse_json(&self.response(OBJ, vec![first], usage)))
                 .await
                 .is_err()
             {
                 return self.log(0, "aborted: client disconnected");
             }
         }
+        let mut per_choice = vec![0usize; self.n];
         let mut done = false;
         loop {
             let next = tokio::select! {
@@ -295,6 +313,9 @@ impl Job {
             }
             for d in update.deltas {
                 generated += d.token_ids.len();
+                if let Some(c) = per_choice.get_mut(d.index) {
+                    *c += d.token_ids.len();
+                }
                 if d.text.is_empty() && d.finish_reason.is_none() && d.token_ids.is_empty() {
                     continue;
                 }
@@ -309,8 +330,12 @@ impl Job {
                     finish_reason: util::finish_name(d.finish_reason),
                     stop_reason: util::stop_value(&d.stop_reason),
                 };
+                let usage = self.continuous_usage.then(|| {
+                    let tokens = per_choice.get(d.index).copied().unwrap_or(0);
+                    Usage::new(self.prompt_tokens, tokens)
+                });
                 if tx
-                    .send(util::sse_json(&self.response(OBJ, vec![choice], None)))
+                    .send(util::sse_json(&self.response(OBJ, vec![choice], usage)))
                     .await
                     .is_err()
                 {

@@ -107,6 +107,7 @@ async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, A
         logprobs,
         echo: req.echo,
         start,
+        continuous_usage: false,
     };
     if req.common.stream {
         let include_usage = req
@@ -114,6 +115,17 @@ async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, A
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage);
+        // vLLM: continuous usage needs include_usage too.
+        let continuous = include_usage
+            && req
+                .common
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.continuous_usage_stats);
+        let job = Job {
+            continuous_usage: continuous,
+            ..job
+        };
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(job.stream(streams, include_usage, tx));
         Ok(util::sse_response(rx))
@@ -132,6 +144,8 @@ struct Job {
     logprobs: Option<usize>,
     echo: bool,
     start: Instant,
+    /// `stream_options.continuous_usage_stats` (with `include_usage`): usage in every chunk.
+    continuous_usage: bool,
 }
 
 /// Per-choice streaming state.
@@ -342,16 +356,19 @@ impl Job {
             if text.is_empty() && d.finish_reason.is_none() && d.token_ids.is_empty() {
                 continue;
             }
-            out.push(self.response(
-                vec![CompletionChoice {
-                    index,
-                    text,
-                    logprobs: lp,
-                    finish_reason: util::finish_name(d.finish_reason),
-                    stop_reason: util::stop_value(&d.stop_reason),
-                }],
-                None,
-            ));
+            out.push(
+                self.response(
+                    vec![CompletionChoice {
+                        index,
+                        text,
+                        logprobs: lp,
+                        finish_reason: util::finish_name(d.finish_reason),
+                        stop_reason: util::stop_value(&d.stop_reason),
+                    }],
+                    self.continuous_usage
+                        .then(|| Usage::new(self.entries[p].ids.len(), st.tokens)),
+                ),
+            );
         }
         out
     }
