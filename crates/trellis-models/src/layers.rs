@@ -34,8 +34,15 @@ fn check_shape(
 /// `y = x Wᵀ (+ b)` over a quantized or dense weight `[out, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+/// A Linear's weight: candle's quantized matmul, or our Q4_1 kernel (`crate::q4_1`).
+#[derive(Debug, Clone)]
+enum Weight {
+    Candle(QMatMul),
+    Q41(crate::q4_1::Q41Matrix),
 }
 
 impl Linear {
@@ -62,12 +69,26 @@ impl Linear {
         } else {
             None
         };
+        let weight = match &weight {
+            QMatMul::QTensor(t) if !crate::q4_1::kernel_disabled() => {
+                match crate::q4_1::Q41Matrix::from_qtensor(t)
+                    .map_err(|e| ModelError::candle(ws.path(), e))?
+                {
+                    Some(q) => Weight::Q41(q),
+                    None => Weight::Candle(weight),
+                }
+            }
+            _ => Weight::Candle(weight),
+        };
         Ok(Self { weight, bias })
     }
 
     /// Applies the layer to `x` `[num_tokens, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            Weight::Candle(w) => w.forward(x)?,
+            Weight::Q41(w) => w.forward(x)?,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
