@@ -17,12 +17,25 @@ use half::f16;
 
 const QK: usize = 32;
 
-/// One Q4_1 block, scales widened to f32 (exact).
+/// One Q4_1 block as in the file (20 bytes: the f16 scale and minimum, 32 nibbles).
 #[derive(Debug, Clone, Copy)]
+#[repr(C)]
 struct Q4Block {
-    d: f32,
-    m: f32,
+    d: f16,
+    m: f16,
     qs: [u8; QK / 2],
+}
+
+impl Q4Block {
+    #[inline]
+    fn d(&self) -> f32 {
+        self.d.to_f32()
+    }
+
+    #[inline]
+    fn m(&self) -> f32 {
+        self.m.to_f32()
+    }
 }
 
 /// One Q8_1 block of activations, scales as the f32 values of their f16 (exact).
@@ -68,8 +81,8 @@ impl Q41Matrix {
                 let mut qs = [0u8; QK / 2];
                 qs.copy_from_slice(&b[4..20]);
                 Q4Block {
-                    d: f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                    m: f16::from_le_bytes([b[2], b[3]]).to_f32(),
+                    d: f16::from_le_bytes([b[0], b[1]]),
+                    m: f16::from_le_bytes([b[2], b[3]]),
                     qs,
                 }
             })
@@ -112,19 +125,40 @@ impl Q41Matrix {
         let (n, kb) = (self.n, self.k / QK);
         let avx2 = has_avx2();
         let dst_ptr = dst.as_mut_ptr() as usize;
-        let dot_column = |col: usize| {
-            let w = &self.blocks[col * kb..(col + 1) * kb];
+        let column = |col: usize| &self.blocks[col * kb..(col + 1) * kb];
+        // One work item = four columns (independent dot products interleave well), all rows.
+        let quad = |q: usize| {
+            let col = q * 4;
             for row in 0..m {
                 let a = &acts[row * kb..(row + 1) * kb];
-                let v = dot(w, a, avx2);
-                // SAFETY: `dst` has m * n elements and outlives the pool call; every
-                // (row, col) is written by exactly one work item (one column per item).
-                unsafe { *(dst_ptr as *mut f32).add(row * n + col) = v };
+                let vals: [f32; 4] = if col + 4 <= n {
+                    dot4(
+                        [
+                            column(col),
+                            column(col + 1),
+                            column(col + 2),
+                            column(col + 3),
+                        ],
+                        a,
+                        avx2,
+                    )
+                } else {
+                    let mut v = [0f32; 4];
+                    for (i, c) in (col..n).enumerate() {
+                        v[i] = dot(column(c), a, avx2);
+                    }
+                    v
+                };
+                for (i, v) in vals.iter().enumerate().take(n - col) {
+                    // SAFETY: `dst` has m * n elements and outlives the pool call; every
+                    // (row, col) is written by exactly one work item (columns are split).
+                    unsafe { *(dst_ptr as *mut f32).add(row * n + col + i) = *v };
+                }
             }
         };
-        candle_core::utils::barrier_pool().execute_chunked(n, |cols| {
-            for col in cols {
-                dot_column(col)
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(4), |quads| {
+            for q in quads {
+                quad(q)
             }
         });
     }
@@ -182,9 +216,20 @@ fn dot(w: &[Q4Block], a: &[Q8Block], avx2: bool) -> f32 {
     let _ = avx2;
     let mut sumf = 0f32;
     for (x, y) in w.iter().zip(a) {
-        sumf += block_sumi(x, y) as f32 * x.d * y.d + x.m * y.s;
+        sumf += block_sumi(x, y) as f32 * x.d() * y.d + x.m() * y.s;
     }
     sumf
+}
+
+/// [`dot`] of four columns against the same activations.
+#[inline]
+fn dot4(w: [&[Q4Block]; 4], a: &[Q8Block], avx2: bool) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: the CPU has AVX2 (checked at run time).
+        return unsafe { dot4_avx2(w, a) };
+    }
+    w.map(|w| dot(w, a, avx2))
 }
 
 #[inline]
@@ -198,39 +243,79 @@ fn block_sumi(x: &Q4Block, y: &Q8Block) -> i32 {
     sumi
 }
 
+/// The products of one Q4_1 block with one Q8_1 block as 8 exact i32 partial sums (AVX2).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn dot_avx2(w: &[Q4Block], a: &[Q8Block]) -> f32 {
+#[inline]
+fn block_products_avx2(x: &Q4Block, q8: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
     let low_nibbles = _mm_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
+    // SAFETY: 16 bytes are read from an array of exactly that size (unaligned load).
+    let raw = unsafe { _mm_loadu_si128(x.qs.as_ptr() as *const __m128i) };
+    let lo = _mm_and_si128(raw, low_nibbles);
+    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_nibbles);
+    // Weights 0..=15 in the order of the activations: low nibbles are positions 0..16, high
+    // nibbles 16..32.
+    let q4 = _mm256_set_m128i(hi, lo);
+    // u8 × i8 pairs summed to i16: at most 2 · 15 · 128 = 3840, no saturation; exact.
+    let pairs = _mm256_maddubs_epi16(q4, q8);
+    _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn load_q8(y: &Q8Block) -> std::arch::x86_64::__m256i {
+    // SAFETY: 32 bytes are read from an array of exactly that size (unaligned load).
+    unsafe { std::arch::x86_64::_mm256_loadu_si256(y.qs.as_ptr() as *const _) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot_avx2(w: &[Q4Block], a: &[Q8Block]) -> f32 {
+    use std::arch::x86_64::*;
     let mut sumf = 0f32;
     for (x, y) in w.iter().zip(a) {
-        // SAFETY: 16 and 32 bytes are read from arrays of exactly that size (unaligned loads).
-        let (raw, q8) = unsafe {
-            (
-                _mm_loadu_si128(x.qs.as_ptr() as *const __m128i),
-                _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i),
-            )
-        };
-        let lo = _mm_and_si128(raw, low_nibbles);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_nibbles);
-        // Weights 0..=15 in the order of the activations: low nibbles are positions 0..16,
-        // high nibbles 16..32.
-        let q4 = _mm256_set_m128i(hi, lo);
-        // u8 × i8 pairs summed to i16: at most 2 · 15 · 128 = 3840, no saturation; exact.
-        let pairs = _mm256_maddubs_epi16(q4, q8);
-        let quads = _mm256_madd_epi16(pairs, ones);
-        let s128 = _mm_add_epi32(
-            _mm256_castsi256_si128(quads),
-            _mm256_extracti128_si256(quads, 1),
-        );
+        let p = block_products_avx2(x, load_q8(y));
+        let s128 = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
         let s64 = _mm_add_epi32(s128, _mm_unpackhi_epi64(s128, s128));
-        let s32 = _mm_add_epi32(s64, _mm_shuffle_epi32(s64, 1));
-        let sumi = _mm_cvtsi128_si32(s32);
-        sumf += sumi as f32 * x.d * y.d + x.m * y.s;
+        let sumi = _mm_cvtsi128_si32(_mm_add_epi32(s64, _mm_shuffle_epi32(s64, 1)));
+        sumf += sumi as f32 * x.d() * y.d + x.m() * y.s;
     }
     sumf
+}
+
+/// Four columns at once: the four block sums are reduced together, and the float update
+/// runs in four SSE lanes with the scalar expression's operations in the scalar order
+/// (separate multiplies and adds, no FMA), so each lane equals [`dot`] bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot4_avx2(w: [&[Q4Block]; 4], a: &[Q8Block]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let mut acc = _mm_setzero_ps();
+    for (b, y) in a.iter().enumerate() {
+        let q8 = load_q8(y);
+        let (x0, x1, x2, x3) = (&w[0][b], &w[1][b], &w[2][b], &w[3][b]);
+        let p0 = block_products_avx2(x0, q8);
+        let p1 = block_products_avx2(x1, q8);
+        let p2 = block_products_avx2(x2, q8);
+        let p3 = block_products_avx2(x3, q8);
+        // Exact i32 sums: [p0 lo, p1 lo, p0 hi, p1 hi ...] pairwise, then both 128-bit halves.
+        let h01 = _mm256_hadd_epi32(p0, p1);
+        let h23 = _mm256_hadd_epi32(p2, p3);
+        let h = _mm256_hadd_epi32(h01, h23);
+        let sumi = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        // |sumi| < 2^24: the conversion is exact, as `sumi as f32` is.
+        let sumi = _mm_cvtepi32_ps(sumi);
+        let d4 = _mm_set_ps(x3.d(), x2.d(), x1.d(), x0.d());
+        let m4 = _mm_set_ps(x3.m(), x2.m(), x1.m(), x0.m());
+        let t = _mm_mul_ps(_mm_mul_ps(sumi, d4), _mm_set1_ps(y.d));
+        let u = _mm_mul_ps(m4, _mm_set1_ps(y.s));
+        acc = _mm_add_ps(acc, _mm_add_ps(t, u));
+    }
+    let mut out = [0f32; 4];
+    // SAFETY: four f32 are written to an array of four.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
+    out
 }
 
 #[cfg(test)]
