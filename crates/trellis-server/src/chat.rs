@@ -15,7 +15,7 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::protocol::{
     ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessageInput,
-    ChatMessageOutput, ChatTokenLogprob, ChatTopLogprob, MessageContent, Usage,
+    ChatMessageOutput, ChatTokenLogprob, ChatTopLogprob, MessageContent, StreamOptions, Usage,
 };
 use crate::util::{self, JsonBody, ParamsInput, RequestLog};
 
@@ -125,18 +125,8 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
         continuous_usage: false,
     };
     if req.common.stream {
-        let include_usage = req
-            .common
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage);
-        // vLLM: continuous usage needs include_usage too.
-        let continuous = include_usage
-            && req
-                .common
-                .stream_options
-                .as_ref()
-                .is_some_and(|o| o.continuous_usage_stats);
+        let (include_usage, continuous) =
+            StreamOptions::usage_flags(req.common.stream_options.as_ref());
         let job = Job {
             continuous_usage: continuous,
             ..job

@@ -14,7 +14,8 @@ use trellis_engine::{GenerateRequest, Prompt, RequestOutput, RequestStream, Requ
 use crate::AppState;
 use crate::error::ApiError;
 use crate::protocol::{
-    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptInput, Usage,
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, PromptInput,
+    StreamOptions, Usage,
 };
 use crate::util::{self, JsonBody, ParamsInput, RequestLog};
 
@@ -110,18 +111,8 @@ async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, A
         continuous_usage: false,
     };
     if req.common.stream {
-        let include_usage = req
-            .common
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage);
-        // vLLM: continuous usage needs include_usage too.
-        let continuous = include_usage
-            && req
-                .common
-                .stream_options
-                .as_ref()
-                .is_some_and(|o| o.continuous_usage_stats);
+        let (include_usage, continuous) =
+            StreamOptions::usage_flags(req.common.stream_options.as_ref());
         let job = Job {
             continuous_usage: continuous,
             ..job

@@ -43,6 +43,18 @@ pub struct StreamOptions {
     pub continuous_usage_stats: bool,
 }
 
+impl StreamOptions {
+    /// `(include_usage, continuous usage)` of a request's options: as in vLLM, continuous
+    /// usage needs `include_usage` too.
+    pub fn usage_flags(options: Option<&StreamOptions>) -> (bool, bool) {
+        let include = options.is_some_and(|o| o.include_usage);
+        (
+            include,
+            include && options.is_some_and(|o| o.continuous_usage_stats),
+        )
+    }
+}
+
 /// The sampling fields completions and chat completions share.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct CommonParams {
