@@ -115,6 +115,8 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
             priority: 0,
         })
         .await?;
+    let (include_usage, continuous_usage) =
+        StreamOptions::usage_flags(req.common.stream_options.as_ref());
     let job = Job {
         state,
         id,
@@ -122,15 +124,9 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
         n,
         top_logprobs: logprobs,
         start,
-        continuous_usage: false,
+        continuous_usage,
     };
     if req.common.stream {
-        let (include_usage, continuous) =
-            StreamOptions::usage_flags(req.common.stream_options.as_ref());
-        let job = Job {
-            continuous_usage: continuous,
-            ..job
-        };
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(job.stream(stream, include_usage, tx));
         Ok(util::sse_response(rx))

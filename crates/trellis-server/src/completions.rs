@@ -100,6 +100,8 @@ async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, A
         };
         streams.push(state.engine.generate_with(request).await?);
     }
+    let (include_usage, continuous_usage) =
+        StreamOptions::usage_flags(req.common.stream_options.as_ref());
     let job = Job {
         state,
         id,
@@ -108,15 +110,9 @@ async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, A
         logprobs,
         echo: req.echo,
         start,
-        continuous_usage: false,
+        continuous_usage,
     };
     if req.common.stream {
-        let (include_usage, continuous) =
-            StreamOptions::usage_flags(req.common.stream_options.as_ref());
-        let job = Job {
-            continuous_usage: continuous,
-            ..job
-        };
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(job.stream(streams, include_usage, tx));
         Ok(util::sse_response(rx))
