@@ -1,0 +1,302 @@
+//! The compute pool: `threads - 1` workers plus the calling thread run the items of a
+//! parallel loop.
+//!
+//! Between the operations of a step (microseconds apart) workers spin briefly so the next
+//! operation starts at once; after [`SPIN`] without work they park, so an idle engine uses no
+//! CPU. Items are claimed one at a time from an atomic counter: a worker that the OS
+//! deschedules delays only the item it holds, never a barrier everyone waits at. The caller
+//! waits for stragglers by spinning briefly, then yielding its core.
+//!
+//! The pool size is `TRELLIS_NUM_THREADS` when set, else the cores this process may run on
+//! (`std::thread::available_parallelism`, which honours affinity masks and cgroup quotas).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before it parks.
+pub const SPIN: Duration = Duration::from_micros(200);
+
+/// A type-erased reference to the job of the current parallel loop.
+#[derive(Clone, Copy)]
+struct JobRef {
+    data: *const (),
+    call: unsafe fn(*const (), usize),
+    items: usize,
+}
+
+// SAFETY: the pointee is a `Sync` closure that outlives every use (the caller of `run` waits
+// until no worker holds the job before it returns).
+unsafe impl Send for JobRef {}
+
+struct Shared {
+    /// Bumped once per parallel loop; workers compare with the last one they saw.
+    generation: AtomicU64,
+    job: Mutex<Option<JobRef>>,
+    /// Next unclaimed item of the current loop.
+    next: AtomicUsize,
+    /// Workers currently inside the current loop's job.
+    active: AtomicUsize,
+    /// A job panicked.
+    panicked: AtomicBool,
+    shutdown: AtomicBool,
+}
+
+/// A pool of compute threads. Most code uses the process-wide [`global`] pool.
+pub struct Pool {
+    shared: Arc<Shared>,
+    workers: Vec<Thread>,
+    /// One parallel loop at a time (the engine thread is the only caller in practice).
+    run_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("threads", &self.threads())
+            .finish()
+    }
+}
+
+/// The number of threads the global pool uses.
+pub fn default_threads() -> usize {
+    if let Some(n) = std::env::var("TRELLIS_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return n;
+    }
+    thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The process-wide compute pool, created on first use with [`default_threads`] threads.
+pub fn global() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| Pool::new(default_threads()))
+}
+
+impl Pool {
+    /// A pool that runs loops on `threads` threads in all (the caller included).
+    pub fn new(threads: usize) -> Self {
+        let shared = Arc::new(Shared {
+            generation: AtomicU64::new(0),
+            job: Mutex::new(None),
+            next: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+        });
+        let workers = (1..threads.max(1))
+            .filter_map(|i| {
+                let s = shared.clone();
+                thread::Builder::new()
+                    .name(format!("trellis-compute-{i}"))
+                    .spawn(move || worker(&s))
+                    .ok()
+                    .map(|h| h.thread().clone())
+            })
+            .collect();
+        Pool {
+            shared,
+            workers,
+            run_lock: Mutex::new(()),
+        }
+    }
+
+    /// Threads that run a loop (workers and the caller).
+    pub fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Runs `f(i)` for every `i` in `0..items`, spread over the pool; returns when all are
+    /// done. A panic in `f` is re-raised here after every item has finished or been skipped.
+    pub fn run<F: Fn(usize) + Sync>(&self, items: usize, f: F) {
+        if items == 0 {
+            return;
+        }
+        if items == 1 || self.workers.is_empty() {
+            (0..items).for_each(f);
+            return;
+        }
+        let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        unsafe fn call<F: Fn(usize)>(data: *const (), i: usize) {
+            // SAFETY: `data` is the `&F` published by `run`, alive until `run` returns.
+            let f = unsafe { &*(data as *const F) };
+            f(i)
+        }
+        let sh = &*self.shared;
+        sh.next.store(0, Ordering::Relaxed);
+        sh.panicked.store(false, Ordering::Relaxed);
+        *sh.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobRef {
+            data: &f as *const F as *const (),
+            call: call::<F>,
+            items,
+        });
+        sh.generation.fetch_add(1, Ordering::Release);
+        for w in &self.workers {
+            w.unpark();
+        }
+        // The caller works too.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            loop {
+                let i = sh.next.fetch_add(1, Ordering::Relaxed);
+                if i >= items {
+                    break;
+                }
+                f(i);
+            }
+        }));
+        if result.is_err() {
+            // Let nobody start another item.
+            sh.next.store(items, Ordering::Relaxed);
+        }
+        // Retract the job so that late workers never pick it up, then wait for those inside.
+        *sh.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while sh.active.load(Ordering::Acquire) != 0 {
+            spins += 1;
+            if spins < 2000 && start.elapsed() < Duration::from_micros(50) {
+                std::hint::spin_loop();
+            } else {
+                thread::yield_now();
+            }
+        }
+        if let Err(p) = result {
+            std::panic::resume_unwind(p);
+        }
+        if sh.panicked.load(Ordering::Relaxed) {
+            panic!("a compute pool job panicked");
+        }
+    }
+
+    /// Runs `f(range)` over `0..len` split into chunks of at least `min_chunk`, about four
+    /// per thread for balance.
+    pub fn run_chunked<F: Fn(std::ops::Range<usize>) + Sync>(
+        &self,
+        len: usize,
+        min_chunk: usize,
+        f: F,
+    ) {
+        let parts = (self.threads() * 4).min(len.div_ceil(min_chunk.max(1))).max(1);
+        let chunk = len.div_ceil(parts);
+        self.run(len.div_ceil(chunk.max(1)), |p| {
+            let start = p * chunk;
+            f(start..(start + chunk).min(len))
+        });
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        for w in &self.workers {
+            w.unpark();
+        }
+    }
+}
+
+fn worker(sh: &Shared) {
+    let mut seen = 0u64;
+    let mut idle_since = Instant::now();
+    loop {
+        if sh.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        let generation = sh.generation.load(Ordering::Acquire);
+        if generation != seen {
+            seen = generation;
+            // Enter under the job lock so that `run` cannot retract the job and return
+            // between our read and our `active` increment.
+            let job = {
+                let g = sh.job.lock().unwrap_or_else(|e| e.into_inner());
+                if g.is_some() {
+                    sh.active.fetch_add(1, Ordering::AcqRel);
+                }
+                *g
+            };
+            if let Some(job) = job {
+                let r = std::panic::catch_unwind(|| {
+                    loop {
+                        let i = sh.next.fetch_add(1, Ordering::Relaxed);
+                        if i >= job.items {
+                            break;
+                        }
+                        // SAFETY: the job is alive while `active` counts us.
+                        unsafe { (job.call)(job.data, i) };
+                    }
+                });
+                if r.is_err() {
+                    sh.panicked.store(true, Ordering::Relaxed);
+                    sh.next.store(job.items, Ordering::Relaxed);
+                }
+                sh.active.fetch_sub(1, Ordering::AcqRel);
+            }
+            idle_since = Instant::now();
+            continue;
+        }
+        if idle_since.elapsed() < SPIN {
+            std::hint::spin_loop();
+        } else {
+            // `unpark` before `park` makes `park` return at once: no lost wake-up.
+            thread::park_timeout(Duration::from_millis(500));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn every_item_runs_once() {
+        let pool = Pool::new(3);
+        for items in [0usize, 1, 2, 7, 100, 1000] {
+            let hits: Vec<AtomicU32> = (0..items).map(|_| AtomicU32::new(0)).collect();
+            pool.run(items, |i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_range() {
+        let pool = Pool::new(2);
+        let sum = AtomicUsize::new(0);
+        pool.run_chunked(1001, 16, |r| {
+            sum.fetch_add(r.map(|i| i + 1).sum::<usize>(), Ordering::Relaxed);
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 1001 * 1002 / 2);
+    }
+
+    #[test]
+    fn a_panic_reaches_the_caller_and_the_pool_still_works() {
+        let pool = Pool::new(2);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(64, |i| assert!(i != 40, "boom"));
+        }));
+        assert!(r.is_err());
+        let n = AtomicUsize::new(0);
+        pool.run(64, |_| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 64);
+    }
+
+    #[test]
+    fn idle_workers_park() {
+        let pool = Pool::new(2);
+        pool.run(8, |_| {});
+        std::thread::sleep(SPIN * 20);
+        // A parked pool still answers.
+        let n = AtomicUsize::new(0);
+        pool.run(8, |_| {
+            n.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 8);
+    }
+}
