@@ -1,0 +1,413 @@
+//! Quantized matrix products over GGUF block formats.
+//!
+//! A weight `[n, k]` (n output features, each a row of `k/32` blocks in the file) is repacked
+//! once at load into groups of [`COLS`] = 16 output columns. For each group and each block of
+//! 32 inputs, the 16 columns' quants are interleaved 4 bytes at a time, so that one 64-byte
+//! vector holds 4 consecutive inputs of each of the 16 columns: exactly the operand of one
+//! `vpdpbusd` (u8 × i8 → i32, 4 products per lane), against 4 activation bytes broadcast to
+//! every lane. Scales stay f16 as in the file (converted in registers), so the repacked
+//! matrix is no larger than the file's blocks and decode reads the same bytes.
+//!
+//! | format | per group and block | integer sum per (row, column, block) |
+//! |---|---|---|
+//! | Q4_0 | 4 × 64 B of nibbles + 16 f16 `d` | `Σ q·a − 8·Σa` (q in 0..16) |
+//! | Q4_1 | 4 × 64 B of nibbles + 16 f16 `d` + 16 f16 `m` | `Σ q·a` |
+//! | Q8_0 | 8 × 64 B of `w + 128` + 16 f16 `d` | `Σ (w+128)·a − 128·Σa` |
+//!
+//! Activations are quantized once per layer input ([`QActs`], llama.cpp's Q8_1: blocks of 32
+//! `i8` with an f16-rounded scale `d`, the f16-rounded `s = d·Σq` and the exact `Σq`) and
+//! shared by every weight that reads the same input (q/k/v, gate/up).
+//!
+//! Every output element is the float expression of the scalar reference ([`matmul_ref`],
+//! which is candle's and llama.cpp's reference `vec_dot`), accumulated block by block in
+//! order, with separate multiplies and adds (no FMA): `acc += (sumi·d_w)·d_a` (Q4_0, Q8_0)
+//! and `acc += (sumi·d_w)·d_a + m_w·s_a` (Q4_1). The integer sums are exact, so the SIMD
+//! kernels give the same bits as the reference, whatever the instruction set, the number of
+//! rows in the batch or the split over threads: greedy outputs do not depend on the batch.
+
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use half::f16;
+
+use crate::cpu::{Isa, isa};
+use crate::pool;
+
+/// Output columns per repacked group.
+pub const COLS: usize = 16;
+/// Inputs per block (every supported format).
+pub const QK: usize = 32;
+
+/// A GGUF block format the kernels compute on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QType {
+    /// 32 × 4-bit, `w = d·(q − 8)`.
+    Q4_0,
+    /// 32 × 4-bit, `w = d·q + m`.
+    Q4_1,
+    /// 32 × 8-bit, `w = d·q`.
+    Q8_0,
+}
+
+impl QType {
+    /// Bytes of one block in a GGUF file.
+    pub fn file_block_bytes(self) -> usize {
+        match self {
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+            QType::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of quants of one repacked group-block (16 columns × 32 inputs).
+    fn quant_bytes(self) -> usize {
+        match self {
+            QType::Q4_0 | QType::Q4_1 => 256,
+            QType::Q8_0 => 512,
+        }
+    }
+
+    /// Bytes of one repacked group-block: quants, then 16 f16 `d` (and 16 f16 `m` for Q4_1).
+    fn group_block_bytes(self) -> usize {
+        self.quant_bytes()
+            + match self {
+                QType::Q4_1 => 64,
+                _ => 32,
+            }
+    }
+
+    /// The integer correction `−shift·Σa` is `Σa << shift` subtracted (0: none).
+    fn isum_shift(self) -> u32 {
+        match self {
+            QType::Q4_0 => 3,
+            QType::Q4_1 => 0,
+            QType::Q8_0 => 7,
+        }
+    }
+}
+
+/// Why a weight cannot be repacked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QuantError {
+    /// The input width is not a whole number of blocks.
+    #[error("{qtype:?} weight rows of {k} values are not a multiple of {QK}")]
+    PartialBlock {
+        /// The format.
+        qtype: QType,
+        /// Input features.
+        k: usize,
+    },
+    /// The data does not hold `n × k` values of the format.
+    #[error("{qtype:?} weight [{n}, {k}] needs {expected} bytes, got {actual}")]
+    Size {
+        /// The format.
+        qtype: QType,
+        /// Output features.
+        n: usize,
+        /// Input features.
+        k: usize,
+        /// Bytes the shape implies.
+        expected: usize,
+        /// Bytes given.
+        actual: usize,
+    },
+}
+
+/// A quantized weight `[n, k]`, repacked for the kernels.
+#[derive(Clone)]
+pub struct QMatrix {
+    qtype: QType,
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QMatrix({:?}, [{}, {}])", self.qtype, self.n, self.k)
+    }
+}
+
+impl QMatrix {
+    /// Repacks `raw`, the file's blocks of a `[n, k]` weight (row-major: `n` rows of `k/32`
+    /// blocks), checking its size.
+    pub fn from_gguf_blocks(
+        qtype: QType,
+        n: usize,
+        k: usize,
+        raw: &[u8],
+    ) -> Result<Self, QuantError> {
+        if k % QK != 0 {
+            return Err(QuantError::PartialBlock { qtype, k });
+        }
+        let kb = k / QK;
+        let fb = qtype.file_block_bytes();
+        let expected = n * kb * fb;
+        if raw.len() != expected {
+            return Err(QuantError::Size {
+                qtype,
+                n,
+                k,
+                expected,
+                actual: raw.len(),
+            });
+        }
+        let groups = n.div_ceil(COLS);
+        let gbb = qtype.group_block_bytes();
+        let qb = qtype.quant_bytes();
+        // Missing columns of the last group stay zero (d = 0): computed, never stored.
+        let mut data = vec![0u8; groups * kb * gbb];
+        for col in 0..n {
+            let (g, c) = (col / COLS, col % COLS);
+            for b in 0..kb {
+                let src = &raw[(col * kb + b) * fb..][..fb];
+                let dst = &mut data[(g * kb + b) * gbb..][..gbb];
+                dst[qb + 2 * c..qb + 2 * c + 2].copy_from_slice(&src[0..2]);
+                match qtype {
+                    QType::Q4_0 | QType::Q4_1 => {
+                        let (qs, off) = match qtype {
+                            QType::Q4_1 => {
+                                dst[qb + 32 + 2 * c..qb + 32 + 2 * c + 2]
+                                    .copy_from_slice(&src[2..4]);
+                                (&src[4..20], 0)
+                            }
+                            _ => (&src[2..18], 0),
+                        };
+                        let _ = off;
+                        // Vector j, lane c = file bytes 4j..4j+4: low nibbles are inputs
+                        // 4j..4j+4, high nibbles inputs 16+4j..16+4j+4.
+                        for j in 0..4 {
+                            dst[64 * j + 4 * c..64 * j + 4 * c + 4]
+                                .copy_from_slice(&qs[4 * j..4 * j + 4]);
+                        }
+                    }
+                    QType::Q8_0 => {
+                        let qs = &src[2..34];
+                        for s in 0..8 {
+                            for t in 0..4 {
+                                dst[64 * s + 4 * c + t] = (qs[4 * s + t] as i8 as i16 + 128) as u8;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(QMatrix { qtype, n, k, data })
+    }
+
+    /// The format.
+    pub fn qtype(&self) -> QType {
+        self.qtype
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes of the repacked weight (what one full product reads).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn group(&self, g: usize) -> &[u8] {
+        let len = (self.k / QK) * self.qtype.group_block_bytes();
+        &self.data[g * len..][..len]
+    }
+
+    /// `out[r, j] = Σ_i x[r, i]·w[j, i]` for the `acts.rows()` quantized rows: `out` is
+    /// `[rows, n]` row-major. Runs on the global compute pool.
+    ///
+    /// # Panics
+    /// When `acts` has another width than the weight or `out` is not `rows × n` long (a
+    /// caller bug, not user input).
+    pub fn matmul(&self, acts: &QActs, out: &mut [f32]) {
+        self.matmul_isa(acts, out, isa())
+    }
+
+    /// [`QMatrix::matmul`] at a chosen instruction-set level (capped by the CPU's).
+    pub fn matmul_isa(&self, acts: &QActs, out: &mut [f32], want: Isa) {
+        assert_eq!(acts.k, self.k, "activation width");
+        assert_eq!(out.len(), acts.m * self.n, "output size");
+        let use_isa = want.min(isa());
+        let groups = self.n.div_ceil(COLS);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let m = acts.m;
+        // Enough groups per item to amortise the claim, about four items per thread.
+        let per = groups.div_ceil(pool::global().threads() * 4).clamp(1, 64);
+        pool::global().run(groups.div_ceil(per), |item| {
+            let g0 = item * per;
+            for g in g0..(g0 + per).min(groups) {
+                let mut tile = [0f32; COLS * 8];
+                let mut r0 = 0;
+                while r0 < m {
+                    let rows = (m - r0).min(8);
+                    self.group_tile(g, acts, r0, rows, &mut tile, use_isa);
+                    let cols = (self.n - g * COLS).min(COLS);
+                    for r in 0..rows {
+                        // SAFETY: `out` has m × n elements and lives until `run` returns;
+                        // each (row, column) is written by exactly one item (groups are
+                        // split between items).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                tile[r * COLS..].as_ptr(),
+                                out_ptr.get().add((r0 + r) * self.n + g * COLS),
+                                cols,
+                            )
+                        };
+                    }
+                    r0 += rows;
+                }
+            }
+        });
+    }
+
+    /// One group × up to 8 rows into `tile` (`[rows, 16]`).
+    fn group_tile(
+        &self,
+        g: usize,
+        acts: &QActs,
+        r0: usize,
+        rows: usize,
+        tile: &mut [f32; COLS * 8],
+        use_isa: Isa,
+    ) {
+        let w = self.group(g);
+        match use_isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI (`isa()` checked at run time).
+                unsafe { x86::tile_avx512(self.qtype, w, acts, r0, rows, tile) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: the CPU has AVX2, FMA and F16C (`isa()` checked at run time).
+                unsafe { x86::tile_avx2(self.qtype, w, acts, r0, rows, tile) }
+            }
+            _ => scalar::tile(self.qtype, w, acts, r0, rows, tile),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to write disjoint parts of one output from the pool's threads.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Rows of activations quantized to Q8_1 blocks, reused from step to step (no allocation
+/// once the buffers have grown to the largest batch).
+#[derive(Debug, Clone, Default)]
+pub struct QActs {
+    m: usize,
+    k: usize,
+    /// `[m, k]` quants.
+    qs: Vec<i8>,
+    /// `[m, k/32]` f16-rounded scales, as f32.
+    d: Vec<f32>,
+    /// `[m, k/32]` f16-rounded `d·Σq`, as f32.
+    s: Vec<f32>,
+    /// `[m, k/32]` exact `Σq`.
+    isum: Vec<i32>,
+}
+
+impl QActs {
+    /// Empty; grows on the first [`QActs::quantize`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Width.
+    pub fn width(&self) -> usize {
+        self.k
+    }
+
+    /// Quantizes `x` (`[m, k]` row-major, `k` a multiple of 32), in parallel over rows.
+    ///
+    /// # Panics
+    /// When `k` is not a multiple of 32 or `x.len()` is not a multiple of `k`.
+    pub fn quantize(&mut self, x: &[f32], k: usize) {
+        assert!(k > 0 && k % QK == 0 && x.len() % k == 0, "activation shape");
+        let m = x.len() / k;
+        let kb = k / QK;
+        self.m = m;
+        self.k = k;
+        self.qs.resize(m * k, 0);
+        self.d.resize(m * kb, 0.0);
+        self.s.resize(m * kb, 0.0);
+        self.isum.resize(m * kb, 0);
+        let ptrs = (
+            SendPtr(self.qs.as_mut_ptr() as *mut f32),
+            SendPtr(self.d.as_mut_ptr()),
+            SendPtr(self.s.as_mut_ptr()),
+            SendPtr(self.isum.as_mut_ptr() as *mut f32),
+        );
+        let blocks = m * kb;
+        pool::global().run_chunked(blocks, 64, |range| {
+            for bi in range {
+                // SAFETY: each block index is visited by exactly one item; the slices are
+                // within the buffers resized above, alive until `run_chunked` returns.
+                let (qs, d, s, isum) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut((ptrs.0.get() as *mut i8).add(bi * QK), QK),
+                        &mut *ptrs.1.get().add(bi),
+                        &mut *ptrs.2.get().add(bi),
+                        &mut *(ptrs.3.get() as *mut i32).add(bi),
+                    )
+                };
+                quantize_block(&x[bi * QK..][..QK], qs, d, s, isum);
+            }
+        });
+    }
+
+    fn row_qs(&self, r: usize) -> &[i8] {
+        &self.qs[r * self.k..][..self.k]
+    }
+}
+
+/// llama.cpp's reference `quantize_row_q8_1` for one block (candle's `BlockQ8_1::from_float`):
+/// `d = amax/127` rounded to f16, `q = round(x/d)` with the unrounded `d`, and the f16 of
+/// `f16(Σq)·f16(d)`.
+fn quantize_block(xs: &[f32], qs: &mut [i8], d_out: &mut f32, s_out: &mut f32, isum: &mut i32) {
+    let mut amax = 0f32;
+    for &x in xs {
+        amax = amax.max(x.abs())
+    }
+    let d = amax / 127.0;
+    let id = if d != 0f32 { 1. / d } else { 0. };
+    let d16 = f16::from_f32(d);
+    let mut sum = 0i32;
+    for (q, &x) in qs.iter_mut().zip(xs) {
+        *q = f32::round(x * id) as i8;
+        sum += *q as i32;
+    }
+    *d_out = d16.to_f32();
+    *s_out = (f16::from_f32(sum as f32) * d16).to_f32();
+    *isum = sum;
+}
+
+/// The scalar reference: `out[r, j]` for every row of `acts`, from the file's blocks `raw`
+/// of a `[n, k]` weight, block by block in order. The kernels must equal it bit for bit.
+pub fn matmul_ref(qtype: QType, n: usize, k: usize, raw: &[u8], acts: &QActs) -> Vec<f32> {
+    scalar::reference(qtype, n, k, raw, acts)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,150 @@
+use half::f16;
+
+use super::*;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
+}
+
+/// Random file blocks of a `[n, k]` weight: any quant bytes, scales of ordinary size.
+fn random_blocks(q: QType, n: usize, k: usize, rng: &mut Rng) -> Vec<u8> {
+    let fb = q.file_block_bytes();
+    let mut raw = Vec::with_capacity(n * k / QK * fb);
+    for _ in 0..n * k / QK {
+        raw.extend_from_slice(&f16::from_f32(rng.f32() * 0.1).to_le_bytes());
+        if q == QType::Q4_1 {
+            raw.extend_from_slice(&f16::from_f32(rng.f32()).to_le_bytes());
+        }
+        for _ in 0..fb - raw.len() % fb {
+            if raw.len() % fb == 0 {
+                break;
+            }
+            raw.push(rng.next() as u8);
+        }
+    }
+    assert_eq!(raw.len(), n * k / QK * fb);
+    raw
+}
+
+fn isas() -> Vec<Isa> {
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+        .into_iter()
+        .filter(|&i| i <= isa())
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn every_isa_equals_the_reference_bit_for_bit() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for q in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+        for &(n, k) in &[(5usize, 32usize), (16, 64), (33, 576), (48, 1536), (17, 96)] {
+            let raw = random_blocks(q, n, k, &mut rng);
+            let w = QMatrix::from_gguf_blocks(q, n, k, &raw).expect("repack");
+            for m in [1usize, 2, 3, 7, 8, 9, 17] {
+                let mut x: Vec<f32> = (0..m * k).map(|_| rng.f32() * 4.0).collect();
+                x[0] = 0.0;
+                if k >= 64 {
+                    // An all-zero block (d = 0) and a huge one.
+                    x[32..64].fill(0.0);
+                    x[m * k - 1] = 1e4;
+                }
+                let mut acts = QActs::new();
+                acts.quantize(&x, k);
+                let want = matmul_ref(q, n, k, &raw, &acts);
+                for &i in &isas() {
+                    let mut got = vec![f32::NAN; m * n];
+                    w.matmul_isa(&acts, &mut got, i);
+                    assert_eq!(bits(&got), bits(&want), "{q:?} n={n} k={k} m={m} {i:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rows_do_not_depend_on_the_batch() {
+    let mut rng = Rng(77);
+    let (n, k) = (40, 128);
+    for q in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+        let raw = random_blocks(q, n, k, &mut rng);
+        let w = QMatrix::from_gguf_blocks(q, n, k, &raw).expect("repack");
+        let x: Vec<f32> = (0..13 * k).map(|_| rng.f32()).collect();
+        let mut acts = QActs::new();
+        acts.quantize(&x, k);
+        let mut all = vec![0f32; 13 * n];
+        w.matmul(&acts, &mut all);
+        for r in 0..13 {
+            acts.quantize(&x[r * k..(r + 1) * k], k);
+            let mut one = vec![0f32; n];
+            w.matmul(&acts, &mut one);
+            assert_eq!(bits(&one), bits(&all[r * n..(r + 1) * n]), "{q:?} row {r}");
+        }
+    }
+}
+
+#[test]
+fn close_to_the_float_product() {
+    // Sanity of the formats themselves: dequantized weights × x, within quantization error.
+    let mut rng = Rng(5);
+    let (n, k) = (16, 256);
+    for q in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+        let raw = random_blocks(q, n, k, &mut rng);
+        let fb = q.file_block_bytes();
+        let deq: Vec<f32> = (0..n * k)
+            .map(|i| {
+                let blk = &raw[(i / QK) * fb..][..fb];
+                let j = i % QK;
+                let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                match q {
+                    QType::Q8_0 => d * blk[2 + j] as i8 as f32,
+                    _ => {
+                        let qs = &blk[fb - 16..];
+                        let v = if j < 16 { qs[j] & 15 } else { qs[j - 16] >> 4 } as f32;
+                        match q {
+                            QType::Q4_0 => d * (v - 8.0),
+                            _ => d * v + f16::from_le_bytes([blk[2], blk[3]]).to_f32(),
+                        }
+                    }
+                }
+            })
+            .collect();
+        let x: Vec<f32> = (0..k).map(|_| rng.f32()).collect();
+        let mut acts = QActs::new();
+        acts.quantize(&x, k);
+        let mut got = vec![0f32; n];
+        QMatrix::from_gguf_blocks(q, n, k, &raw)
+            .expect("repack")
+            .matmul(&acts, &mut got);
+        for c in 0..n {
+            let exact: f32 = (0..k).map(|i| deq[c * k + i] * x[i]).sum();
+            let scale: f32 = (0..k).map(|i| (deq[c * k + i] * x[i]).abs()).sum();
+            assert!((got[c] - exact).abs() <= 0.02 * scale + 1e-4, "{q:?} col {c}: {} vs {exact}", got[c]);
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    assert!(matches!(
+        QMatrix::from_gguf_blocks(QType::Q4_1, 2, 48, &[0; 40]),
+        Err(QuantError::PartialBlock { .. })
+    ));
+    assert!(matches!(
+        QMatrix::from_gguf_blocks(QType::Q8_0, 2, 64, &[0; 10]),
+        Err(QuantError::Size { expected: 136, .. })
+    ));
+}

@@ -1,0 +1,258 @@
+//! AVX-512 VNNI and AVX2 tiles: one group of 16 columns × up to 8 rows, all blocks of K.
+//!
+//! Per block, the group's weights are loaded (and for 4-bit formats split into nibbles) once
+//! and reused by every row of the tile; per row, eight `vpdpbusd` (AVX2: `vpmaddubsw` +
+//! `vpmaddwd`) give the 16 exact integer sums, then the reference float expression runs in
+//! the 16 lanes with separate multiplies and adds.
+
+use std::arch::x86_64::*;
+
+use super::{COLS, QActs, QK, QType};
+
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+fn code(q: QType) -> u8 {
+    match q {
+        QType::Q4_0 => Q4_0,
+        QType::Q4_1 => Q4_1,
+        QType::Q8_0 => Q8_0,
+    }
+}
+
+macro_rules! dispatch_rows {
+    ($f:ident, $q:expr, $($args:expr),*) => {
+        match $q {
+            Q4_0 => dispatch_rows!(@rows $f, Q4_0, $($args),*),
+            Q4_1 => dispatch_rows!(@rows $f, Q4_1, $($args),*),
+            _ => dispatch_rows!(@rows $f, Q8_0, $($args),*),
+        }
+    };
+    (@rows $f:ident, $q:ident, $w:expr, $acts:expr, $r0:expr, $rows:expr, $tile:expr) => {
+        // SAFETY: forwarded from the caller's contract (the CPU features are present).
+        unsafe {
+            match $rows {
+                1 => $f::<$q, 1>($w, $acts, $r0, $tile),
+                2 => $f::<$q, 2>($w, $acts, $r0, $tile),
+                3 => $f::<$q, 3>($w, $acts, $r0, $tile),
+                4 => $f::<$q, 4>($w, $acts, $r0, $tile),
+                5 => $f::<$q, 5>($w, $acts, $r0, $tile),
+                6 => $f::<$q, 6>($w, $acts, $r0, $tile),
+                7 => $f::<$q, 7>($w, $acts, $r0, $tile),
+                _ => $f::<$q, 8>($w, $acts, $r0, $tile),
+            }
+        }
+    };
+}
+
+/// # Safety
+/// The CPU must have AVX-512 F, BW, VL and VNNI; `w` is one repacked group of `qtype` for
+/// `acts.k` inputs; rows `r0..r0+rows` exist in `acts`; `1 <= rows <= 8`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+pub(super) unsafe fn tile_avx512(
+    qtype: QType,
+    w: &[u8],
+    acts: &QActs,
+    r0: usize,
+    rows: usize,
+    tile: &mut [f32; COLS * 8],
+) {
+    debug_assert!(w.len() >= acts.k / QK * qtype.group_block_bytes());
+    dispatch_rows!(tile512, code(qtype), w, acts, r0, rows, tile)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+unsafe fn tile512<const Q: u8, const R: usize>(
+    w: &[u8],
+    acts: &QActs,
+    r0: usize,
+    tile: &mut [f32; COLS * 8],
+) {
+    let k = acts.k;
+    let kb = k / QK;
+    let (qb, gbb) = match Q {
+        Q4_0 => (256, 288),
+        Q4_1 => (256, 320),
+        _ => (512, 544),
+    };
+    let shift = match Q {
+        Q4_0 => 3,
+        _ => 7,
+    };
+    let mut acc = [_mm512_setzero_ps(); R];
+    let wp = w.as_ptr();
+    let qs = acts.qs.as_ptr();
+    let nib = _mm512_set1_epi8(0x0F);
+    for b in 0..kb {
+        // SAFETY (whole block): offsets stay inside the group (`kb` blocks of `gbb` bytes)
+        // and inside the activation rows (`k` quants and `kb` scales per row).
+        let blk = unsafe { wp.add(b * gbb) };
+        let mut wv = [_mm512_setzero_si512(); 8];
+        if Q == Q8_0 {
+            for (s, v) in wv.iter_mut().enumerate() {
+                *v = unsafe { _mm512_loadu_si512(blk.add(64 * s) as *const _) };
+            }
+        } else {
+            for j in 0..4 {
+                let raw = unsafe { _mm512_loadu_si512(blk.add(64 * j) as *const _) };
+                wv[j] = _mm512_and_si512(raw, nib);
+                wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nib);
+            }
+        }
+        let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(qb) as *const _) });
+        let mw = if Q == Q4_1 {
+            _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(qb + 32) as *const _) })
+        } else {
+            _mm512_setzero_ps()
+        };
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let row = r0 + r;
+            let i = row * kb + b;
+            let a = unsafe { qs.add(row * k + b * QK) };
+            let mut sum = if Q == Q4_1 {
+                _mm512_setzero_si512()
+            } else {
+                _mm512_set1_epi32(-(unsafe { *acts.isum.get_unchecked(i) } << shift))
+            };
+            for (s, v) in wv.iter().enumerate() {
+                let a4 = unsafe { (a.add(4 * s) as *const i32).read_unaligned() };
+                sum = _mm512_dpbusd_epi32(sum, *v, _mm512_set1_epi32(a4));
+            }
+            let da = _mm512_set1_ps(unsafe { *acts.d.get_unchecked(i) });
+            let t = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), dw), da);
+            let t = if Q == Q4_1 {
+                let sa = _mm512_set1_ps(unsafe { *acts.s.get_unchecked(i) });
+                _mm512_add_ps(t, _mm512_mul_ps(mw, sa))
+            } else {
+                t
+            };
+            *acc_r = _mm512_add_ps(*acc_r, t);
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        // SAFETY: 16 floats into row r of the 8 × 16 tile.
+        unsafe { _mm512_storeu_ps(tile.as_mut_ptr().add(r * COLS), *a) };
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; otherwise as [`tile_avx512`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile_avx2(
+    qtype: QType,
+    w: &[u8],
+    acts: &QActs,
+    r0: usize,
+    rows: usize,
+    tile: &mut [f32; COLS * 8],
+) {
+    debug_assert!(w.len() >= acts.k / QK * qtype.group_block_bytes());
+    dispatch_rows!(tile256, code(qtype), w, acts, r0, rows, tile)
+}
+
+/// Both halves (columns 0..8 and 8..16) of the group, one after the other.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile256<const Q: u8, const R: usize>(
+    w: &[u8],
+    acts: &QActs,
+    r0: usize,
+    tile: &mut [f32; COLS * 8],
+) {
+    for half in 0..2 {
+        // SAFETY: forwarded.
+        unsafe { half256::<Q, R>(w, acts, r0, tile, half) };
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half256<const Q: u8, const R: usize>(
+    w: &[u8],
+    acts: &QActs,
+    r0: usize,
+    tile: &mut [f32; COLS * 8],
+    half: usize,
+) {
+    let k = acts.k;
+    let kb = k / QK;
+    let (qb, gbb) = match Q {
+        Q4_0 => (256, 288),
+        Q4_1 => (256, 320),
+        _ => (512, 544),
+    };
+    let shift = match Q {
+        Q4_0 => 3,
+        _ => 7,
+    };
+    let mut acc = [_mm256_setzero_ps(); R];
+    let wp = w.as_ptr();
+    let qs = acts.qs.as_ptr();
+    let nib = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128);
+    for b in 0..kb {
+        // SAFETY (whole block): as in `tile512`; `32 * half` selects 8 of the 16 lanes.
+        let blk = unsafe { wp.add(b * gbb) };
+        let mut wv = [_mm256_setzero_si256(); 8];
+        if Q == Q8_0 {
+            for (s, v) in wv.iter_mut().enumerate() {
+                let u = unsafe { _mm256_loadu_si256(blk.add(64 * s + 32 * half) as *const _) };
+                // Back to the signed weights for the sign trick (no u8 × i8 overflow).
+                *v = _mm256_xor_si256(u, flip);
+            }
+        } else {
+            for j in 0..4 {
+                let raw = unsafe { _mm256_loadu_si256(blk.add(64 * j + 32 * half) as *const _) };
+                wv[j] = _mm256_and_si256(raw, nib);
+                wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib);
+            }
+        }
+        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk.add(qb + 16 * half) as *const _) });
+        let mw = if Q == Q4_1 {
+            _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk.add(qb + 32 + 16 * half) as *const _) })
+        } else {
+            _mm256_setzero_ps()
+        };
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let row = r0 + r;
+            let i = row * kb + b;
+            let a = unsafe { qs.add(row * k + b * QK) };
+            let sum = if Q == Q8_0 {
+                let mut sum = _mm256_setzero_si256();
+                for (s, v) in wv.iter().enumerate() {
+                    let a4 = _mm256_set1_epi32(unsafe { (a.add(4 * s) as *const i32).read_unaligned() });
+                    // |w| · (a · sign(w)): at most 2 · 128 · 127 per i16, exact.
+                    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(*v, *v), _mm256_sign_epi8(a4, *v));
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
+                }
+                sum
+            } else {
+                // 4-bit: eight i16 partial sums of at most 2 · 15 · 128 each fit in i16.
+                let mut s16 = _mm256_setzero_si256();
+                for (s, v) in wv.iter().enumerate() {
+                    let a4 = _mm256_set1_epi32(unsafe { (a.add(4 * s) as *const i32).read_unaligned() });
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*v, a4));
+                }
+                let sum = _mm256_madd_epi16(s16, ones);
+                if Q == Q4_0 {
+                    _mm256_sub_epi32(sum, _mm256_set1_epi32(unsafe { *acts.isum.get_unchecked(i) } << shift))
+                } else {
+                    sum
+                }
+            };
+            let da = _mm256_set1_ps(unsafe { *acts.d.get_unchecked(i) });
+            let t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), dw), da);
+            let t = if Q == Q4_1 {
+                let sa = _mm256_set1_ps(unsafe { *acts.s.get_unchecked(i) });
+                _mm256_add_ps(t, _mm256_mul_ps(mw, sa))
+            } else {
+                t
+            };
+            *acc_r = _mm256_add_ps(*acc_r, t);
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        // SAFETY: 8 floats into row r, half `half`, of the 8 × 16 tile.
+        unsafe { _mm256_storeu_ps(tile.as_mut_ptr().add(r * COLS + 8 * half), *a) };
+    }
+}
