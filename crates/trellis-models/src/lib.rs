@@ -19,7 +19,6 @@ pub mod error;
 pub mod gguf;
 pub mod layers;
 pub mod llama;
-pub mod q4_1;
 pub mod qwen2;
 pub mod registry;
 pub mod weights;

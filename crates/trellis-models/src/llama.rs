@@ -15,7 +15,7 @@ use crate::error::{ModelError, Result as LoadResult};
 use crate::gguf::GgufMetadata;
 use crate::layers::{
     AttentionConfig, DecoderLayer, Embedding, Linear, RmsNorm, RopeConfig, RopeScaling,
-    RotaryEmbedding, lm_logits,
+    RotaryEmbedding, StepScratch, decoder_forward,
 };
 use crate::registry::{ModelConfigSource, ModelLoadContext, parse_hf_config};
 use crate::weights::WeightSource;
@@ -138,12 +138,13 @@ impl Config {
 }
 
 /// `LlamaForCausalLM`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Llama {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
+    scratch: std::sync::Mutex<StepScratch>,
     rotary: RotaryEmbedding,
     config: ModelConfig,
 }
@@ -221,6 +222,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            scratch: Default::default(),
             rotary,
             config,
         })
@@ -252,18 +254,16 @@ impl Model for Llama {
         positions: &[usize],
         ctx: &mut ForwardContext<'_>,
     ) -> Result<Tensor> {
-        if input_ids.len() != positions.len() {
-            candle_core::bail!(
-                "{} input ids but {} positions",
-                input_ids.len(),
-                positions.len()
-            );
-        }
-        let rope = self.rotary.at(positions);
-        let mut x = self.embed_tokens.forward(input_ids)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &rope, ctx)?;
-        }
-        lm_logits(&x, ctx.logits_indices, &self.norm, &self.lm_head)
+        decoder_forward(
+            &self.scratch,
+            &self.embed_tokens,
+            &self.layers,
+            &self.norm,
+            &self.lm_head,
+            &self.rotary,
+            input_ids,
+            positions,
+            ctx,
+        )
     }
 }

@@ -12,7 +12,7 @@ use trellis_plugin::{ForwardContext, Model, ModelConfig};
 use crate::error::{ModelError, Result as LoadResult};
 use crate::layers::{
     AttentionConfig, DecoderLayer, Embedding, Linear, RmsNorm, RopeConfig, RopeScaling,
-    RotaryEmbedding, lm_logits,
+    RotaryEmbedding, StepScratch, decoder_forward,
 };
 use crate::registry::{ModelConfigSource, ModelLoadContext, parse_hf_config};
 use crate::weights::WeightSource;
@@ -63,12 +63,13 @@ impl Config {
 }
 
 /// `Qwen2ForCausalLM`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Qwen2 {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
+    scratch: std::sync::Mutex<StepScratch>,
     rotary: RotaryEmbedding,
     config: ModelConfig,
 }
@@ -134,6 +135,7 @@ impl Qwen2 {
             layers,
             norm,
             lm_head,
+            scratch: Default::default(),
             rotary,
             config,
         })
@@ -170,18 +172,16 @@ impl Model for Qwen2 {
         positions: &[usize],
         ctx: &mut ForwardContext<'_>,
     ) -> Result<Tensor> {
-        if input_ids.len() != positions.len() {
-            candle_core::bail!(
-                "{} input ids but {} positions",
-                input_ids.len(),
-                positions.len()
-            );
-        }
-        let rope = self.rotary.at(positions);
-        let mut x = self.embed_tokens.forward(input_ids)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &rope, ctx)?;
-        }
-        lm_logits(&x, ctx.logits_indices, &self.norm, &self.lm_head)
+        decoder_forward(
+            &self.scratch,
+            &self.embed_tokens,
+            &self.layers,
+            &self.norm,
+            &self.lm_head,
+            &self.rotary,
+            input_ids,
+            positions,
+            ctx,
+        )
     }
 }

@@ -166,15 +166,14 @@ impl QMatrix {
                 dst[qb + 2 * c..qb + 2 * c + 2].copy_from_slice(&src[0..2]);
                 match qtype {
                     QType::Q4_0 | QType::Q4_1 => {
-                        let (qs, off) = match qtype {
+                        let qs = match qtype {
                             QType::Q4_1 => {
                                 dst[qb + 32 + 2 * c..qb + 32 + 2 * c + 2]
                                     .copy_from_slice(&src[2..4]);
-                                (&src[4..20], 0)
+                                &src[4..20]
                             }
-                            _ => (&src[2..18], 0),
+                            _ => &src[2..18],
                         };
-                        let _ = off;
                         // Vector j, lane c = file bytes 4j..4j+4: low nibbles are inputs
                         // 4j..4j+4, high nibbles inputs 16+4j..16+4j+4.
                         for j in 0..4 {
@@ -214,6 +213,28 @@ impl QMatrix {
     /// Bytes of the repacked weight (what one full product reads).
     pub fn bytes(&self) -> usize {
         self.data.len()
+    }
+
+    /// The weights stacked along the output dimension (`[Σn, k]`), for products that read the
+    /// same input (q/k/v, gate/up): one pass and one dispatch instead of several. `None` when
+    /// the formats or widths differ, or a part but the last has a partial column group.
+    pub fn concat(parts: &[&QMatrix]) -> Option<QMatrix> {
+        let first = parts.first()?;
+        let (qtype, k) = (first.qtype, first.k);
+        let last = parts.len() - 1;
+        let ok = parts.iter().enumerate().all(|(i, p)| {
+            p.qtype == qtype && p.k == k && (i == last || p.n % COLS == 0)
+        });
+        if !ok {
+            return None;
+        }
+        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        Some(QMatrix {
+            qtype,
+            n: parts.iter().map(|p| p.n).sum(),
+            k,
+            data,
+        })
     }
 
     fn group(&self, g: usize) -> &[u8] {

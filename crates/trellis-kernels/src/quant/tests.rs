@@ -148,3 +148,26 @@ fn bad_shapes_are_errors() {
         Err(QuantError::Size { expected: 136, .. })
     ));
 }
+
+#[test]
+fn concatenated_weights_equal_the_parts() {
+    let mut rng = Rng(9);
+    let k = 64;
+    for q in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+        let (ra, rb) = (random_blocks(q, 32, k, &mut rng), random_blocks(q, 21, k, &mut rng));
+        let a = QMatrix::from_gguf_blocks(q, 32, k, &ra).expect("a");
+        let b = QMatrix::from_gguf_blocks(q, 21, k, &rb).expect("b");
+        assert!(QMatrix::concat(&[&b, &a]).is_none(), "partial group first");
+        let ab = QMatrix::concat(&[&a, &b]).expect("concat");
+        let x: Vec<f32> = (0..3 * k).map(|_| rng.f32()).collect();
+        let mut acts = QActs::new();
+        acts.quantize(&x, k);
+        let mut both = vec![0f32; 3 * 53];
+        ab.matmul(&acts, &mut both);
+        let (wa, wb) = (matmul_ref(q, 32, k, &ra, &acts), matmul_ref(q, 21, k, &rb, &acts));
+        for r in 0..3 {
+            assert_eq!(bits(&both[r * 53..r * 53 + 32]), bits(&wa[r * 32..(r + 1) * 32]));
+            assert_eq!(bits(&both[r * 53 + 32..(r + 1) * 53]), bits(&wb[r * 21..(r + 1) * 21]));
+        }
+    }
+}

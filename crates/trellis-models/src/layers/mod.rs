@@ -5,13 +5,18 @@
 //! Element-wise layers (norm, rotary) work on flat `f32` slices: on a flattened batch they are
 //! a handful of passes over `[num_tokens, hidden]`, cheaper than a chain of tensor ops.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Module, Result, Tensor, bail};
+mod step;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use trellis_kernels::quant::{QMatrix, QType};
+use candle_core::{Module, Result, Tensor, bail};
 use serde::Deserialize;
-use trellis_plugin::{AttentionShape, ForwardContext};
+use trellis_plugin::AttentionShape;
 
 use crate::error::{ModelError, Result as LoadResult};
 use crate::weights::WeightSource;
+
+pub use step::{StepScratch, decoder_forward};
 
 /// Checks that a loaded tensor has the shape the configuration implies.
 fn check_shape(
@@ -38,11 +43,36 @@ pub struct Linear {
     bias: Option<Tensor>,
 }
 
-/// A Linear's weight: candle's quantized matmul, or our Q4_1 kernel (`crate::q4_1`).
+/// A Linear's weight: repacked for our kernels (`trellis_kernels::quant`: Q4_0, Q4_1, Q8_0 on
+/// the CPU), or candle's matmul for everything else (dense weights, other quant formats).
 #[derive(Debug, Clone)]
 enum Weight {
     Candle(QMatMul),
-    Q41(crate::q4_1::Q41Matrix),
+    Packed(QMatrix),
+}
+
+/// Whether our quantized kernels are switched off (`TRELLIS_DISABLE_QUANT_KERNELS=1`, or the
+/// older `TRELLIS_DISABLE_Q4_1_KERNEL=1`): candle computes instead, for A/B comparisons.
+pub fn quant_kernels_disabled() -> bool {
+    ["TRELLIS_DISABLE_QUANT_KERNELS", "TRELLIS_DISABLE_Q4_1_KERNEL"]
+        .iter()
+        .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0"))
+}
+
+/// The repacked form of a 2-D GGUF weight in a format our kernels compute, else `None`.
+fn pack(t: &QTensor) -> candle_core::Result<Option<QMatrix>> {
+    let qtype = match t.dtype() {
+        GgmlDType::Q4_0 => QType::Q4_0,
+        GgmlDType::Q4_1 => QType::Q4_1,
+        GgmlDType::Q8_0 => QType::Q8_0,
+        _ => return Ok(None),
+    };
+    let dims = t.shape().dims();
+    if dims.len() != 2 || !t.device().is_cpu() || dims[1] % trellis_kernels::quant::QK != 0 {
+        return Ok(None);
+    }
+    let data = t.data()?;
+    Ok(QMatrix::from_gguf_blocks(qtype, dims[0], dims[1], &data).ok())
 }
 
 impl Linear {
@@ -70,11 +100,9 @@ impl Linear {
             None
         };
         let weight = match &weight {
-            QMatMul::QTensor(t) if !crate::q4_1::kernel_disabled() => {
-                match crate::q4_1::Q41Matrix::from_qtensor(t)
-                    .map_err(|e| ModelError::candle(ws.path(), e))?
-                {
-                    Some(q) => Weight::Q41(q),
+            QMatMul::QTensor(t) if !quant_kernels_disabled() => {
+                match pack(t).map_err(|e| ModelError::candle(ws.path(), e))? {
+                    Some(q) => Weight::Packed(q),
                     None => Weight::Candle(weight),
                 }
             }
@@ -87,7 +115,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             Weight::Candle(w) => w.forward(x)?,
-            Weight::Q41(w) => w.forward(x)?,
+            Weight::Packed(w) => step::packed_forward(w, x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -152,20 +180,6 @@ impl RmsNorm {
             .to_vec1::<f32>()
             .map_err(|e| ModelError::candle(ws.path(), e))?;
         Ok(Self { weight, eps })
-    }
-
-    /// Normalises every row of `x` `[num_tokens, size]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let n = self.weight.len();
-        let mut data = x.flatten_all()?.to_vec1::<f32>()?;
-        for row in data.chunks_mut(n) {
-            let ss: f64 = row.iter().map(|&v| (v * v) as f64).sum();
-            let scale = 1.0 / ((ss / n as f64) as f32 + self.eps as f32).sqrt();
-            for (v, w) in row.iter_mut().zip(&self.weight) {
-                *v = (*v * scale) * w;
-            }
-        }
-        Tensor::from_vec(data, x.shape(), x.device())
     }
 }
 
@@ -329,23 +343,29 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Rotates `x` `[num_tokens, heads, head_dim]`, token `t` by the angles of position `t`.
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (t, heads, d) = x.dims3()?;
+    /// Rotates, in place, `heads` heads of `head_dim` values that start at `offset` in every
+    /// row of `buf` (rows of `row_stride` values, row `t` at the angles of position `t`).
+    pub fn apply_rows(
+        &self,
+        buf: &mut [f32],
+        row_stride: usize,
+        offset: usize,
+        heads: usize,
+        d: usize,
+    ) -> Result<()> {
         let half = self.rotary_dim / 2;
-        if self.cos.len() != t * half || self.rotary_dim > d {
+        let t = buf.len() / row_stride.max(1);
+        if self.cos.len() != t * half || self.rotary_dim > d || offset + heads * d > row_stride {
             bail!(
-                "rope: tables for {} tokens of dim {} do not fit {:?}",
+                "rope: tables for {} tokens of dim {} do not fit {t} rows of {heads} heads of {d}",
                 self.cos.len() / half.max(1),
                 self.rotary_dim,
-                x.dims()
             );
         }
-        let mut data = x.flatten_all()?.to_vec1::<f32>()?;
-        for (tok, rows) in data.chunks_mut(heads * d).enumerate() {
+        for (tok, row) in buf.chunks_mut(row_stride).enumerate() {
             let cos = &self.cos[tok * half..][..half];
             let sin = &self.sin[tok * half..][..half];
-            for head in rows.chunks_mut(d) {
+            for head in row[offset..offset + heads * d].chunks_mut(d) {
                 for i in 0..half {
                     let (a, b) = match self.style {
                         RopeStyle::Interleaved => (2 * i, 2 * i + 1),
@@ -357,7 +377,7 @@ impl Rope {
                 }
             }
         }
-        Tensor::from_vec(data, (t, heads, d), x.device())
+        Ok(())
     }
 }
 
@@ -367,6 +387,9 @@ pub struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// `gate_proj` and `up_proj` stacked, when both are packed alike.
+    gate_up: Option<QMatrix>,
+    intermediate: usize,
 }
 
 impl Mlp {
@@ -377,21 +400,28 @@ impl Mlp {
         hidden: usize,
         intermediate: usize,
     ) -> LoadResult<Self> {
-        Ok(Self {
-            gate_proj: Linear::load(
+        let (gate_proj, up_proj) = (
+            Linear::load(
                 ws,
                 &format!("{prefix}.gate_proj"),
                 false,
                 intermediate,
                 hidden,
             )?,
-            up_proj: Linear::load(
+            Linear::load(
                 ws,
                 &format!("{prefix}.up_proj"),
                 false,
                 intermediate,
                 hidden,
             )?,
+        );
+        let gate_up = step::stack(&[&gate_proj, &up_proj]);
+        Ok(Self {
+            gate_proj,
+            up_proj,
+            gate_up,
+            intermediate,
             down_proj: Linear::load(
                 ws,
                 &format!("{prefix}.down_proj"),
@@ -402,10 +432,8 @@ impl Mlp {
         })
     }
 
-    /// Applies the MLP to `x` `[num_tokens, hidden]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    fn down_proj_in(&self) -> usize {
+        self.intermediate
     }
 }
 
@@ -444,6 +472,8 @@ pub struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// q, k and v stacked, when all three are packed alike without bias.
+    qkv: Option<QMatrix>,
     cfg: AttentionConfig,
     layer_idx: usize,
 }
@@ -461,47 +491,19 @@ impl Attention {
             cfg.num_heads * cfg.head_dim,
             cfg.num_kv_heads * cfg.head_dim,
         );
+        let q_proj = Linear::load(ws, &format!("{prefix}.q_proj"), cfg.qkv_bias, q, h)?;
+        let k_proj = Linear::load(ws, &format!("{prefix}.k_proj"), cfg.qkv_bias, kv, h)?;
+        let v_proj = Linear::load(ws, &format!("{prefix}.v_proj"), cfg.qkv_bias, kv, h)?;
+        let qkv = step::stack(&[&q_proj, &k_proj, &v_proj]);
         Ok(Self {
-            q_proj: Linear::load(ws, &format!("{prefix}.q_proj"), cfg.qkv_bias, q, h)?,
-            k_proj: Linear::load(ws, &format!("{prefix}.k_proj"), cfg.qkv_bias, kv, h)?,
-            v_proj: Linear::load(ws, &format!("{prefix}.v_proj"), cfg.qkv_bias, kv, h)?,
+            q_proj,
+            k_proj,
+            v_proj,
             o_proj: Linear::load(ws, &format!("{prefix}.o_proj"), false, h, q)?,
+            qkv,
             cfg,
             layer_idx,
         })
-    }
-
-    /// Attends `x` `[num_tokens, hidden]` through the layer's paged KV cache.
-    pub fn forward(&self, x: &Tensor, rope: &Rope, ctx: &mut ForwardContext<'_>) -> Result<Tensor> {
-        let t = x.dim(0)?;
-        let AttentionConfig {
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            ..
-        } = self.cfg;
-        let q = rope.apply(&self.q_proj.forward(x)?.reshape((t, num_heads, head_dim))?)?;
-        let k = rope.apply(
-            &self
-                .k_proj
-                .forward(x)?
-                .reshape((t, num_kv_heads, head_dim))?,
-        )?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((t, num_kv_heads, head_dim))?;
-        let Some(layer) = ctx.attn_layers.get_mut(self.layer_idx) else {
-            bail!(
-                "no attention layer {} in the forward context",
-                self.layer_idx
-            );
-        };
-        let out = layer.forward(&q, &k, &v, ctx.attn_metadata)?;
-        self.o_proj.forward(
-            &out.to_dtype(DType::F32)?
-                .reshape((t, num_heads * head_dim))?,
-        )
     }
 }
 
@@ -544,33 +546,4 @@ impl DecoderLayer {
             mlp: Mlp::load(ws, &format!("{p}.mlp"), h, intermediate_size)?,
         })
     }
-
-    /// Runs the layer on `x` `[num_tokens, hidden]`.
-    pub fn forward(&self, x: &Tensor, rope: &Rope, ctx: &mut ForwardContext<'_>) -> Result<Tensor> {
-        let x = (x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, ctx)?)?;
-        &x + self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?
-    }
-}
-
-/// The LM head on the wanted rows only: `lm_head(norm(hidden[rows]))` as f32
-/// `[rows.len(), vocab]`.
-pub fn lm_logits(
-    hidden: &Tensor,
-    rows: &[usize],
-    norm: &RmsNorm,
-    lm_head: &Linear,
-) -> Result<Tensor> {
-    let t = hidden.dim(0)?;
-    if let Some(bad) = rows.iter().find(|&&r| r >= t) {
-        bail!("logits index {bad} is out of the batch ({t} tokens)");
-    }
-    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-    let picked = hidden.index_select(&Tensor::new(idx.as_slice(), hidden.device())?, 0)?;
-    lm_head
-        .forward(&norm.forward(&picked)?)?
-        .to_dtype(DType::F32)
 }
