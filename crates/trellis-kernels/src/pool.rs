@@ -201,6 +201,7 @@ impl Drop for Pool {
 fn worker(sh: &Shared) {
     let mut seen = 0u64;
     let mut idle_since = Instant::now();
+    let mut spins = 0u32;
     loop {
         if sh.shutdown.load(Ordering::Acquire) {
             return;
@@ -235,9 +236,12 @@ fn worker(sh: &Shared) {
                 sh.active.fetch_sub(1, Ordering::AcqRel);
             }
             idle_since = Instant::now();
+            spins = 0;
             continue;
         }
-        if idle_since.elapsed() < SPIN {
+        spins = spins.wrapping_add(1);
+        // Reading the clock costs more than a spin: look at it every 64 spins only.
+        if spins % 64 != 0 || idle_since.elapsed() < SPIN {
             std::hint::spin_loop();
         } else {
             // `unpark` before `park` makes `park` return at once: no lost wake-up.
