@@ -381,6 +381,7 @@ impl QActs {
             SendPtr(self.isum.as_mut_ptr() as *mut f32),
         );
         let blocks = m * kb;
+        let use_isa = isa();
         pool::global().run_chunked(blocks, 64, |range| {
             for bi in range {
                 // SAFETY: each block index is visited by exactly one item; the slices are
@@ -393,7 +394,13 @@ impl QActs {
                         &mut *(ptrs.3.get() as *mut i32).add(bi),
                     )
                 };
-                quantize_block(&x[bi * QK..][..QK], qs, d, s, isum);
+                let xs = &x[bi * QK..][..QK];
+                match use_isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the CPU has AVX-512 F/BW/VL (`isa()` checked at run time).
+                    Isa::Avx512Vnni => unsafe { x86::quantize_block_avx512(xs, qs, d, s, isum) },
+                    _ => quantize_block(xs, qs, d, s, isum),
+                }
             }
         });
     }
@@ -406,7 +413,13 @@ impl QActs {
 /// llama.cpp's reference `quantize_row_q8_1` for one block (candle's `BlockQ8_1::from_float`):
 /// `d = amax/127` rounded to f16, `q = round(x/d)` with the unrounded `d`, and the f16 of
 /// `f16(Σq)·f16(d)`.
-fn quantize_block(xs: &[f32], qs: &mut [i8], d_out: &mut f32, s_out: &mut f32, isum: &mut i32) {
+pub(crate) fn quantize_block(
+    xs: &[f32],
+    qs: &mut [i8],
+    d_out: &mut f32,
+    s_out: &mut f32,
+    isum: &mut i32,
+) {
     let mut amax = 0f32;
     for &x in xs {
         amax = amax.max(x.abs())

@@ -171,3 +171,29 @@ fn concatenated_weights_equal_the_parts() {
         }
     }
 }
+
+#[test]
+fn simd_quantization_equals_the_scalar_one() {
+    let mut rng = Rng(3);
+    let mut cases: Vec<Vec<f32>> = (0..2000)
+        .map(|i| (0..QK).map(|_| rng.f32() * (1 << (i % 12)) as f32).collect())
+        .collect();
+    // Exact halves after scaling: amax 127 gives id = 1, so 0.5, 1.5, -2.5 are ties.
+    let mut ties: Vec<f32> = (0..QK).map(|i| i as f32 - 15.5).collect();
+    ties[0] = 127.0;
+    cases.push(ties);
+    cases.push(vec![0.0; QK]);
+    for xs in &cases {
+        let (mut qa, mut qb) = ([0i8; QK], [0i8; QK]);
+        let (mut da, mut sa, mut ia) = (0f32, 0f32, 0i32);
+        let (mut db, mut sb, mut ib) = (0f32, 0f32, 0i32);
+        quantize_block(xs, &mut qa, &mut da, &mut sa, &mut ia);
+        #[cfg(target_arch = "x86_64")]
+        if isa() >= Isa::Avx512Vnni {
+            // SAFETY: checked above.
+            unsafe { x86::quantize_block_avx512(xs, &mut qb, &mut db, &mut sb, &mut ib) };
+            assert_eq!((qa, da.to_bits(), sa.to_bits(), ia), (qb, db.to_bits(), sb.to_bits(), ib));
+        }
+        let _ = (&mut qb, &mut db, &mut sb, &mut ib);
+    }
+}

@@ -256,3 +256,51 @@ unsafe fn half256<const Q: u8, const R: usize>(
         unsafe { _mm256_storeu_ps(tile.as_mut_ptr().add(r * COLS + 8 * half), *a) };
     }
 }
+
+/// [`super::quantize_block`] with AVX-512: the same values bit for bit (`f32::round` is
+/// rounding half away from zero, done here as truncation plus a correction).
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL; `xs` and `qs` hold 32 values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn quantize_block_avx512(
+    xs: &[f32],
+    qs: &mut [i8],
+    d_out: &mut f32,
+    s_out: &mut f32,
+    isum: &mut i32,
+) {
+    use half::f16;
+    assert!(xs.len() >= QK && qs.len() >= QK);
+    // SAFETY: 32 floats are read from `xs` (checked above).
+    let (x0, x1) = unsafe { (_mm512_loadu_ps(xs.as_ptr()), _mm512_loadu_ps(xs.as_ptr().add(16))) };
+    // max(|x|) is exact whatever the order.
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    let d = amax / 127.0;
+    let id = if d != 0f32 { 1. / d } else { 0. };
+    let d16 = f16::from_f32(d);
+    let idv = _mm512_set1_ps(id);
+    let round = |x: __m512| -> __m512i {
+        let v = _mm512_mul_ps(x, idv);
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+        // |v - t| is exact; at least a half rounds away from zero.
+        let frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
+        let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, _mm512_set1_ps(0.5));
+        let sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MIN));
+        let one = _mm512_castsi512_ps(_mm512_or_si512(
+            _mm512_castps_si512(_mm512_set1_ps(1.0)),
+            sign,
+        ));
+        _mm512_cvttps_epi32(_mm512_mask_add_ps(t, away, t, one))
+    };
+    let (q0, q1) = (round(x0), round(x1));
+    let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    // SAFETY: 16 + 16 bytes are written to `qs` (checked above).
+    unsafe {
+        _mm_storeu_si128(qs.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128(qs.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtepi32_epi8(q1));
+    }
+    *d_out = d16.to_f32();
+    *s_out = (f16::from_f32(sum as f32) * d16).to_f32();
+    *isum = sum;
+}
