@@ -66,7 +66,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     server.disable_log_requests = args.disable_log_requests;
     let state = AppState::new(engine, server).context("invalid --chat-template")?;
 
+    // One thread for HTTP, as vLLM's API server is one asyncio loop: the cores belong to the
+    // compute pool (the engine thread and its workers), and a second busy runtime thread would
+    // only compete with them.
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

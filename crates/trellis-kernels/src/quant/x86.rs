@@ -46,6 +46,36 @@ macro_rules! dispatch_rows {
     };
 }
 
+/// How far ahead of the block being computed its successors are prefetched. Weights stream
+/// from memory once per step (decode reads ~100 MB): without this, each block's loads stall
+/// and the arithmetic of small batches does not overlap them.
+fn prefetch_bytes() -> usize {
+    static PF: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PF.get_or_init(|| {
+        std::env::var("TRELLIS_PREFETCH_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2048)
+    })
+}
+
+/// Prefetches the cache lines `TRELLIS_PREFETCH_BYTES` (default 2048) after the `len` bytes at `p` (the next group's
+/// blocks when `p` is near a group's end: the items of a product are contiguous groups).
+#[inline(always)]
+fn prefetch_ahead(p: *const u8, len: usize) {
+    let pf = prefetch_bytes();
+    if pf == 0 {
+        return;
+    }
+    let ahead = p.wrapping_add(pf);
+    let mut off = 0;
+    while off < len {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8) };
+        off += 64;
+    }
+}
+
 /// # Safety
 /// The CPU must have AVX-512 F, BW, VL and VNNI; `w` is one repacked group of `qtype` for
 /// `acts.k` inputs; rows `r0..r0+rows` exist in `acts`; `1 <= rows <= 8`.
@@ -88,6 +118,7 @@ unsafe fn tile512<const Q: u8, const R: usize>(
         // SAFETY (whole block): offsets stay inside the group (`kb` blocks of `gbb` bytes)
         // and inside the activation rows (`k` quants and `kb` scales per row).
         let blk = unsafe { wp.add(b * gbb) };
+        prefetch_ahead(blk, gbb);
         let mut wv = [_mm512_setzero_si512(); 8];
         if Q == Q8_0 {
             for (s, v) in wv.iter_mut().enumerate() {
@@ -193,6 +224,9 @@ unsafe fn half256<const Q: u8, const R: usize>(
     for b in 0..kb {
         // SAFETY (whole block): as in `tile512`; `32 * half` selects 8 of the 16 lanes.
         let blk = unsafe { wp.add(b * gbb) };
+        if half == 0 {
+            prefetch_ahead(blk, gbb);
+        }
         let mut wv = [_mm256_setzero_si256(); 8];
         if Q == Q8_0 {
             for (s, v) in wv.iter_mut().enumerate() {
