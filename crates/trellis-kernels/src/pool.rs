@@ -241,7 +241,7 @@ fn worker(sh: &Shared) {
         }
         spins = spins.wrapping_add(1);
         // Reading the clock costs more than a spin: look at it every 64 spins only.
-        if spins % 64 != 0 || idle_since.elapsed() < SPIN {
+        if !spins.is_multiple_of(64) || idle_since.elapsed() < SPIN {
             std::hint::spin_loop();
         } else {
             // `unpark` before `park` makes `park` return at once: no lost wake-up.

@@ -25,13 +25,15 @@
 //! kernels give the same bits as the reference, whatever the instruction set, the number of
 //! rows in the batch or the split over threads: greedy outputs do not depend on the batch.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 use half::f16;
 
-use crate::cpu::{Isa, isa};
+use crate::cpu::{Isa, detected, isa};
 use crate::pool;
 
 /// Output columns per repacked group.
@@ -138,7 +140,7 @@ impl QMatrix {
         k: usize,
         raw: &[u8],
     ) -> Result<Self, QuantError> {
-        if k % QK != 0 {
+        if !k.is_multiple_of(QK) {
             return Err(QuantError::PartialBlock { qtype, k });
         }
         let kb = k / QK;
@@ -256,21 +258,44 @@ impl QMatrix {
     pub fn matmul_isa(&self, acts: &QActs, out: &mut [f32], want: Isa) {
         assert_eq!(acts.k, self.k, "activation width");
         assert_eq!(out.len(), acts.m * self.n, "output size");
-        let use_isa = want.min(isa());
+        let use_isa = want.min(detected());
         let groups = self.n.div_ceil(COLS);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let m = acts.m;
         // Enough groups per item to amortise the claim, about four items per thread.
         let per = groups.div_ceil(pool::global().threads() * 4).clamp(1, 64);
+        // AMX for whole tiles of 16 rows when the activations carry their u8 copy.
+        let amx_rows = match use_isa {
+            Isa::Amx if acts.qs_u8.len() == m * self.k => m / 16 * 16,
+            _ => 0,
+        };
         pool::global().run(groups.div_ceil(per), |item| {
             let g0 = item * per;
             for g in g0..(g0 + per).min(groups) {
                 let mut tile = [0f32; COLS * 8];
-                let mut r0 = 0;
+                let cols = (self.n - g * COLS).min(COLS);
+                #[cfg(target_arch = "x86_64")]
+                if amx_rows > 0 {
+                    let mut emit = |row0: usize, t: &[f32; COLS * 16]| {
+                        for r in 0..16 {
+                            // SAFETY: as below, for rows row0..row0 + 16 < m.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    t[r * COLS..].as_ptr(),
+                                    out_ptr.get().add((row0 + r) * self.n + g * COLS),
+                                    cols,
+                                )
+                            };
+                        }
+                    };
+                    // SAFETY: `Isa::Amx` means AVX-512 VNNI and granted AMX; the u8 copy of
+                    // the activations covers all m rows (checked above).
+                    unsafe { amx::group_rows(self.qtype, self.group(g), acts, 0, amx_rows / 16, &mut emit) };
+                }
+                let mut r0 = amx_rows;
                 while r0 < m {
                     let rows = (m - r0).min(8);
                     self.group_tile(g, acts, r0, rows, &mut tile, use_isa);
-                    let cols = (self.n - g * COLS).min(COLS);
                     for r in 0..rows {
                         // SAFETY: `out` has m × n elements and lives until `run` returns;
                         // each (row, column) is written by exactly one item (groups are
@@ -302,7 +327,7 @@ impl QMatrix {
         let w = self.group(g);
         match use_isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => {
+            Isa::Avx512Vnni | Isa::Amx => {
                 // SAFETY: the CPU has AVX-512 F/BW/VL/VNNI (`isa()` checked at run time).
                 unsafe { x86::tile_avx512(self.qtype, w, acts, r0, rows, tile) }
             }
@@ -342,6 +367,9 @@ pub struct QActs {
     s: Vec<f32>,
     /// `[m, k/32]` exact `Σq`.
     isum: Vec<i32>,
+    /// `[m, k]` quants + 128 as `u8` (AMX's unsigned operand), only for batches of 16 rows or
+    /// more on CPUs with AMX; empty otherwise.
+    qs_u8: Vec<u8>,
 }
 
 impl QActs {
@@ -361,11 +389,21 @@ impl QActs {
     }
 
     /// Quantizes `x` (`[m, k]` row-major, `k` a multiple of 32), in parallel over rows.
+    /// The `u8` copy for AMX is made when the default level is AMX; see also
+    /// [`QActs::quantize_for`].
     ///
     /// # Panics
     /// When `k` is not a multiple of 32 or `x.len()` is not a multiple of `k`.
     pub fn quantize(&mut self, x: &[f32], k: usize) {
-        assert!(k > 0 && k % QK == 0 && x.len() % k == 0, "activation shape");
+        self.quantize_for(x, k, isa())
+    }
+
+    /// [`QActs::quantize`] for products run at `level` (AMX needs a `u8` copy).
+    pub fn quantize_for(&mut self, x: &[f32], k: usize, level: Isa) {
+        assert!(
+            k > 0 && k.is_multiple_of(QK) && x.len().is_multiple_of(k),
+            "activation shape"
+        );
         let m = x.len() / k;
         let kb = k / QK;
         self.m = m;
@@ -381,7 +419,7 @@ impl QActs {
             SendPtr(self.isum.as_mut_ptr() as *mut f32),
         );
         let blocks = m * kb;
-        let use_isa = isa();
+        let use_isa = level.min(detected());
         pool::global().run_chunked(blocks, 64, |range| {
             for bi in range {
                 // SAFETY: each block index is visited by exactly one item; the slices are
@@ -398,9 +436,28 @@ impl QActs {
                 match use_isa {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the CPU has AVX-512 F/BW/VL (`isa()` checked at run time).
-                    Isa::Avx512Vnni => unsafe { x86::quantize_block_avx512(xs, qs, d, s, isum) },
+                    Isa::Avx512Vnni | Isa::Amx => unsafe {
+                        x86::quantize_block_avx512(xs, qs, d, s, isum)
+                    },
                     _ => quantize_block(xs, qs, d, s, isum),
                 }
+            }
+        });
+        if use_isa == Isa::Amx && m >= 16 {
+            self.fill_u8();
+        } else {
+            self.qs_u8.clear();
+        }
+    }
+
+    /// Fills the `u8` copy that AMX tiles read (`q + 128`).
+    fn fill_u8(&mut self) {
+        self.qs_u8.resize(self.qs.len(), 0);
+        let (src, dst) = (&self.qs, SendPtr(self.qs_u8.as_mut_ptr() as *mut f32));
+        pool::global().run_chunked(src.len(), 1 << 14, |range| {
+            for i in range {
+                // SAFETY: each index is written by one item, inside the resized buffer.
+                unsafe { *(dst.get() as *mut u8).add(i) = (src[i] as u8) ^ 0x80 };
             }
         });
     }

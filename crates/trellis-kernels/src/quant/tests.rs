@@ -37,9 +37,9 @@ fn random_blocks(q: QType, n: usize, k: usize, rng: &mut Rng) -> Vec<u8> {
 }
 
 fn isas() -> Vec<Isa> {
-    [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Amx]
         .into_iter()
-        .filter(|&i| i <= isa())
+        .filter(|&i| i <= crate::cpu::detected())
         .collect()
 }
 
@@ -54,7 +54,7 @@ fn every_isa_equals_the_reference_bit_for_bit() {
         for &(n, k) in &[(5usize, 32usize), (16, 64), (33, 576), (48, 1536), (17, 96)] {
             let raw = random_blocks(q, n, k, &mut rng);
             let w = QMatrix::from_gguf_blocks(q, n, k, &raw).expect("repack");
-            for m in [1usize, 2, 3, 7, 8, 9, 17] {
+            for m in [1usize, 2, 3, 7, 8, 9, 16, 17, 33, 48] {
                 let mut x: Vec<f32> = (0..m * k).map(|_| rng.f32() * 4.0).collect();
                 x[0] = 0.0;
                 if k >= 64 {
@@ -63,7 +63,7 @@ fn every_isa_equals_the_reference_bit_for_bit() {
                     x[m * k - 1] = 1e4;
                 }
                 let mut acts = QActs::new();
-                acts.quantize(&x, k);
+                acts.quantize_for(&x, k, crate::cpu::detected());
                 let want = matmul_ref(q, n, k, &raw, &acts);
                 for &i in &isas() {
                     let mut got = vec![f32::NAN; m * n];
