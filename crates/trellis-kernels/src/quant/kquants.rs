@@ -175,7 +175,7 @@ impl KMatrix {
     /// Repacks `raw`, the file's super-blocks of a `[n, k]` weight (row-major: `n` rows of
     /// `k/256` super-blocks), checking its size.
     pub fn from_gguf_blocks(ktype: KType, n: usize, k: usize, raw: &[u8]) -> Result<Self, KQuantError> {
-        if k % QK_K != 0 {
+        if !k.is_multiple_of(QK_K) {
             return Err(KQuantError::PartialBlock { ktype, k });
         }
         let kb = k / QK_K;
@@ -389,7 +389,7 @@ impl QActsK {
     /// # Panics
     /// When `k` is not a multiple of 256 or `x.len()` is not a multiple of `k`.
     pub fn quantize(&mut self, x: &[f32], k: usize) {
-        assert!(k > 0 && k % QK_K == 0 && x.len() % k == 0, "activation shape");
+        assert!(k > 0 && k.is_multiple_of(QK_K) && x.len().is_multiple_of(k), "activation shape");
         let m = x.len() / k;
         let blocks = m * k / QK_K;
         self.m = m;

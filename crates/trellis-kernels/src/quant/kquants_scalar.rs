@@ -81,7 +81,7 @@ pub(super) fn reference(ktype: KType, n: usize, k: usize, raw: &[u8], acts: &QAc
 /// Unsigned quant of input `32s + l + 8t` of column `c` in a repacked group-super-block.
 fn value(ktype: KType, blk: &[u8], s: usize, l: usize, c: usize, t: usize) -> i32 {
     let b = blk[64 * (8 * (s / 2) + l) + 4 * c + t];
-    let nib = if s % 2 == 0 { b & 0xF } else { b >> 4 };
+    let nib = if s.is_multiple_of(2) { b & 0xF } else { b >> 4 };
     let hi = match ktype {
         KType::Q4K => 0,
         KType::Q5K => ((blk[KType::HI + 64 * l + 4 * c + t] >> s) & 1) << 4,
@@ -119,14 +119,14 @@ pub(super) fn tile(ktype: KType, w: &[u8], acts: &QActsK, r0: usize, rows: usize
                 }
                 let d = f16_at(blk, doff + 2 * c) * dy;
                 for l in 0..8 {
-                    st_rc[l] = st_rc[l] + d * aux[l] as f32;
+                    st_rc[l] += d * aux[l] as f32;
                 }
                 if ktype != KType::Q6K {
                     let summ: i32 = (0..8)
                         .map(|s| blk[mn + 16 * s + c] as i32 * acts.bs32[(row * kb + b) * 8 + s] as i32)
                         .sum();
                     let dmin = f16_at(blk, doff + 32 + 2 * c) * dy;
-                    st_rc[8] = st_rc[8] - dmin * summ as f32;
+                    st_rc[8] -= dmin * summ as f32;
                 }
             }
         }

@@ -84,6 +84,7 @@ pub(super) unsafe fn tile_avx512(
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+#[allow(clippy::needless_range_loop)] // rows and lanes index several arrays at once
 unsafe fn tile512<const Q: u8, const R: usize>(w: &[u8], acts: &QActsK, r0: usize, tile: &mut [f32; COLS * 8]) {
     let kt = ktype(Q);
     let k = acts.k;
@@ -246,6 +247,7 @@ fn bits56(qh: __m256i, u: usize) -> __m256i {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // rows and lanes index several arrays at once
 unsafe fn half256<const Q: u8, const R: usize>(
     w: &[u8],
     acts: &QActsK,
