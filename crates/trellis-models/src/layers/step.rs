@@ -448,6 +448,9 @@ mod tests {
                 let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
                 let packed = super::super::super::pack(&q).unwrap().expect("packed");
                 let candle = QMatMul::from_qtensor(q).unwrap();
+                // Context: our Q4_0 kernel on the same shape.
+                let q40 = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
+                let packed40 = super::super::super::pack(&q40).unwrap().expect("packed");
                 for m in [1usize, 64] {
                     let x = Tensor::from_vec(random(m * k, 2), (m, k), &Device::Cpu).unwrap();
                     let time = |f: &dyn Fn()| {
@@ -465,7 +468,10 @@ mod tests {
                     let theirs = time(&|| {
                         candle.forward(&x).unwrap();
                     });
-                    println!("Q4_K [{n}, {k}] m={m}: ours {ours:.0} µs, candle {theirs:.0} µs");
+                    let q40 = time(&|| {
+                        super::super::packed_forward(&packed40, &x).unwrap();
+                    });
+                    println!("Q4_K [{n}, {k}] m={m}: ours {ours:.0} µs, candle {theirs:.0} µs (our Q4_0: {q40:.0} µs)");
                 }
             }
         }
