@@ -18,6 +18,9 @@
 //! `i8` with an f16-rounded scale `d`, the f16-rounded `s = d·Σq` and the exact `Σq`) and
 //! shared by every weight that reads the same input (q/k/v, gate/up).
 //!
+//! The K-quants (Q4_K, Q5_K, Q6_K against Q8_K activations) follow the same design in
+//! [`KMatrix`] and [`QActsK`]; see `kquants.rs`.
+//!
 //! Every output element is the float expression of the scalar reference ([`matmul_ref`],
 //! which is candle's and llama.cpp's reference `vec_dot`), accumulated block by block in
 //! order, with separate multiplies and adds (no FMA): `acc += (sumi·d_w)·d_a` (Q4_0, Q8_0)
@@ -27,9 +30,15 @@
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+mod kquants;
+mod kquants_scalar;
+#[cfg(target_arch = "x86_64")]
+mod kquants_x86;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use kquants::{KMatrix, KQuantError, KType, QActsK, QK_K, matmul_ref_k};
 
 use half::f16;
 
@@ -500,5 +509,7 @@ pub fn matmul_ref(qtype: QType, n: usize, k: usize, raw: &[u8], acts: &QActs) ->
     scalar::reference(qtype, n, k, raw, acts)
 }
 
+#[cfg(test)]
+mod kquants_tests;
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,7 @@
 mod step;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use trellis_kernels::quant::{QMatrix, QType};
+use trellis_kernels::quant::{KMatrix, KType, QMatrix, QType};
 use candle_core::{Module, Result, Tensor, bail};
 use serde::Deserialize;
 use trellis_plugin::AttentionShape;
@@ -43,12 +43,12 @@ pub struct Linear {
     bias: Option<Tensor>,
 }
 
-/// A Linear's weight: repacked for our kernels (`trellis_kernels::quant`: Q4_0, Q4_1, Q8_0 on
-/// the CPU), or candle's matmul for everything else (dense weights, other quant formats).
+/// A Linear's weight: repacked for our kernels (`trellis_kernels::quant`: Q4_0, Q4_1, Q8_0,
+/// Q4_K, Q5_K, Q6_K on the CPU), or candle's matmul for everything else (dense weights, other quant formats).
 #[derive(Debug, Clone)]
 enum Weight {
     Candle(QMatMul),
-    Packed(QMatrix),
+    Packed(step::Packed),
 }
 
 /// Whether our quantized kernels are switched off (`TRELLIS_DISABLE_QUANT_KERNELS=1`, or the
@@ -59,20 +59,37 @@ pub fn quant_kernels_disabled() -> bool {
         .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0"))
 }
 
-/// The repacked form of a 2-D GGUF weight in a format our kernels compute, else `None`.
-fn pack(t: &QTensor) -> candle_core::Result<Option<QMatrix>> {
+/// The repacked form of a 2-D GGUF weight in a format our kernels compute (Q4_0, Q4_1, Q8_0,
+/// Q4_K, Q5_K, Q6_K), else `None`.
+fn pack(t: &QTensor) -> candle_core::Result<Option<step::Packed>> {
+    let dims = t.shape().dims();
+    if dims.len() != 2 || !t.device().is_cpu() {
+        return Ok(None);
+    }
+    let (n, k) = (dims[0], dims[1]);
     let qtype = match t.dtype() {
         GgmlDType::Q4_0 => QType::Q4_0,
         GgmlDType::Q4_1 => QType::Q4_1,
         GgmlDType::Q8_0 => QType::Q8_0,
-        _ => return Ok(None),
+        dt => {
+            let ktype = match dt {
+                GgmlDType::Q4K => KType::Q4K,
+                GgmlDType::Q5K => KType::Q5K,
+                GgmlDType::Q6K => KType::Q6K,
+                _ => return Ok(None),
+            };
+            if k % trellis_kernels::quant::QK_K != 0 {
+                return Ok(None);
+            }
+            let data = t.data()?;
+            return Ok(KMatrix::from_gguf_blocks(ktype, n, k, &data).ok().map(step::Packed::K));
+        }
     };
-    let dims = t.shape().dims();
-    if dims.len() != 2 || !t.device().is_cpu() || dims[1] % trellis_kernels::quant::QK != 0 {
+    if k % trellis_kernels::quant::QK != 0 {
         return Ok(None);
     }
     let data = t.data()?;
-    Ok(QMatrix::from_gguf_blocks(qtype, dims[0], dims[1], &data).ok())
+    Ok(QMatrix::from_gguf_blocks(qtype, n, k, &data).ok().map(step::Packed::Q))
 }
 
 impl Linear {
@@ -388,7 +405,7 @@ pub struct Mlp {
     up_proj: Linear,
     down_proj: Linear,
     /// `gate_proj` and `up_proj` stacked, when both are packed alike.
-    gate_up: Option<QMatrix>,
+    gate_up: Option<step::Packed>,
     intermediate: usize,
 }
 
@@ -473,7 +490,7 @@ pub struct Attention {
     v_proj: Linear,
     o_proj: Linear,
     /// q, k and v stacked, when all three are packed alike without bias.
-    qkv: Option<QMatrix>,
+    qkv: Option<step::Packed>,
     cfg: AttentionConfig,
     layer_idx: usize,
 }
