@@ -109,7 +109,7 @@ fn dummy_platform_runs_generate_and_cpu_short_circuits() {
     assert!(err.contains("Platform: cpu"), "{err}");
     assert!(!err.contains("DummyDevice"), "{err}");
     assert!(
-        err.contains("Using attention backend CPU_REFERENCE"),
+        err.contains("Using attention backend CPU_ATTN"),
         "{err}"
     );
     // DUMMY_ATTN is a plain paged attention: the same greedy tokens.
