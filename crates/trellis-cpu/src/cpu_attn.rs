@@ -999,3 +999,76 @@ mod x86 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every kernel set this CPU can run against plain loops, whatever `TRELLIS_ISA` says.
+
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+            .collect()
+    }
+
+    /// # Safety
+    /// The CPU features `K` needs must be present.
+    unsafe fn check<K: Kernels>() {
+        for d in [1, 3, 8, 15, 16, 17, 20, 64, 80, 128] {
+            for n in 1..=9 {
+                let (q, k) = (data(n * d, 1), data(d, 2));
+                let mut got = vec![0f32; n];
+                // SAFETY: the caller guarantees `K`'s features.
+                unsafe { K::dot_group(&q, d, &k, &mut got) };
+                for (j, g) in got.iter().enumerate() {
+                    let want: f32 = q[j * d..][..d].iter().zip(&k).map(|(a, b)| a * b).sum();
+                    assert!((g - want).abs() < 1e-4, "dot d {d} n {n}");
+                }
+                let (mut acc, w, v) = (data(n * d, 3), data(n, 4), data(d, 5));
+                let mut want = acc.clone();
+                for j in 0..n {
+                    for x in 0..d {
+                        want[j * d + x] += w[j] * v[x];
+                    }
+                }
+                // SAFETY: as above.
+                unsafe { K::axpy_group(&mut acc, d, &w, &v) };
+                assert!(acc.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
+            }
+            let mut y = data(d, 6);
+            let want: Vec<f32> = y.iter().map(|x| x * 0.25).collect();
+            // SAFETY: as above.
+            unsafe { K::scale(&mut y, 0.25) };
+            assert_eq!(y, want);
+            let x = data(d, 7);
+            let h: Vec<u16> = x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let b: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let mut out = vec![0f32; d];
+            // SAFETY: as above.
+            unsafe { K::f16_to_f32(&h, &mut out) };
+            assert!(out.iter().zip(&h).all(|(o, &s)| *o == half::f16::from_bits(s).to_f32()));
+            // SAFETY: as above.
+            unsafe { K::bf16_to_f32(&b, &mut out) };
+            assert!(out.iter().zip(&b).all(|(o, &s)| *o == half::bf16::from_bits(s).to_f32()));
+        }
+    }
+
+    #[test]
+    fn kernels_match_plain_loops() {
+        // SAFETY: the scalar kernels need no CPU feature.
+        unsafe { check::<Scalar>() };
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                // SAFETY: the features were just detected.
+                unsafe { check::<x86::Avx2>() };
+            }
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+                // SAFETY: the features were just detected.
+                unsafe { check::<x86::Avx512>() };
+            }
+        }
+    }
+}
