@@ -435,12 +435,24 @@ fn run_lane_set(isa: Isa, set: &LaneSet<'_>) {
 /// The vector kernels of one instruction set. Every method is `unsafe` because an
 /// implementation may require CPU features: call it only where they are present.
 trait Kernels {
-    /// `out[i] = q[i*d..(i+1)*d] · k` for `i < out.len()`; `k.len() == d`.
-    unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], out: &mut [f32]);
-    /// `acc[i*d..(i+1)*d] += w[i] * v` for `i < w.len()`; `v.len() == d`.
-    unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], v: &[f32]);
+    /// `out[i * stride] = scale * (q[i*d..(i+1)*d] · k)` for `i < q.len() / d`; `k.len() == d`.
+    unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], scale: f32, out: &mut [f32], stride: usize);
+    /// `acc[i*d..(i+1)*d] += w[i * stride] * v` for `i < n`; `v.len() == d`.
+    unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], stride: usize, n: usize, v: &[f32]);
+    /// `acc[i*d..(i+1)*d] += Σ_j w[i * TILE + j] * v[j]` for every lane `i < acc.len() / d`;
+    /// every `v[j].len() == d`.
+    unsafe fn axpy_tile(acc: &mut [f32], d: usize, w: &[f32], v: &[&[f32]]) {
+        for (j, row) in v.iter().enumerate() {
+            // SAFETY: the caller guarantees the features `axpy_group` needs.
+            unsafe { Self::axpy_group(acc, d, &w[j..], TILE, acc.len() / d, row) };
+        }
+    }
     /// `y *= a`.
     unsafe fn scale(y: &mut [f32], a: f32);
+    /// The largest element (`-inf` for none).
+    unsafe fn max(s: &[f32]) -> f32;
+    /// `s = exp(s - m)` (every `s <= m`), returning the sum.
+    unsafe fn exp_sum(s: &mut [f32], m: f32) -> f32;
     /// Widens f16 bit patterns to f32; `dst.len() == src.len()`.
     unsafe fn f16_to_f32(src: &[u16], dst: &mut [f32]);
     /// Widens bf16 bit patterns to f32; `dst.len() == src.len()`.
@@ -451,16 +463,30 @@ trait Kernels {
 struct Scalar;
 
 impl Kernels for Scalar {
-    unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], out: &mut [f32]) {
-        for (o, qr) in out.iter_mut().zip(q.chunks_exact(d)) {
-            *o = qr.iter().zip(k).map(|(a, b)| a * b).sum();
+    unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], scale: f32, out: &mut [f32], stride: usize) {
+        for (i, qr) in q.chunks_exact(d).enumerate() {
+            out[i * stride] = scale * qr.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
         }
     }
 
-    unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], v: &[f32]) {
-        for (&wi, a) in w.iter().zip(acc.chunks_exact_mut(d)) {
+    unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], stride: usize, n: usize, v: &[f32]) {
+        for (i, a) in acc.chunks_exact_mut(d).take(n).enumerate() {
+            let wi = w[i * stride];
             a.iter_mut().zip(v).for_each(|(a, x)| *a += wi * x);
         }
+    }
+
+    unsafe fn max(s: &[f32]) -> f32 {
+        s.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+
+    unsafe fn exp_sum(s: &mut [f32], m: f32) -> f32 {
+        let mut sum = 0.0;
+        for x in s.iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
+        sum
     }
 
     unsafe fn scale(y: &mut [f32], a: f32) {
@@ -508,8 +534,9 @@ unsafe fn cache_row<'a, K: Kernels>(
 
 /// The attention of one lane set (see the module docs), written into its output rows.
 ///
-/// Scratch layout: `acc [lanes * d] | scores [TILE * lanes] | m [lanes] | l [lanes] |
-/// row [d]`, scores being position-major so one position's lanes are contiguous.
+/// Scratch layout: `acc [lanes * d] | scores [lanes * TILE] | m [lanes] | l [lanes] |
+/// row [d] | tile [TILE * d]`, scores being lane-major so one lane's tile is contiguous for
+/// the softmax; `tile` holds a tile of widened f16/bf16 value rows.
 ///
 /// # Safety
 /// The CPU features `K` needs must be present, and `set` must come from a checked call (its
@@ -527,7 +554,7 @@ unsafe fn attend<K: Kernels>(set: &LaneSet<'_>, scratch: &mut Vec<f32>) {
     let group = h / hkv;
     let rows = set.rows;
     let lanes = rows * group;
-    let need = lanes * d + TILE * lanes + 2 * lanes + d;
+    let need = lanes * d + TILE * lanes + 2 * lanes + d + TILE * d;
     if scratch.len() < need {
         scratch.resize(need, 0.0);
     }
@@ -535,7 +562,8 @@ unsafe fn attend<K: Kernels>(set: &LaneSet<'_>, scratch: &mut Vec<f32>) {
     let (scores, rest) = rest.split_at_mut(TILE * lanes);
     let (m, rest) = rest.split_at_mut(lanes);
     let (l, rest) = rest.split_at_mut(lanes);
-    let row_buf = &mut rest[..d];
+    let (row_buf, rest) = rest.split_at_mut(d);
+    let tile_buf = &mut rest[..TILE * d];
     acc.fill(0.0);
     m.fill(f32::NEG_INFINITY);
     l.fill(0.0);
@@ -548,39 +576,45 @@ unsafe fn attend<K: Kernels>(set: &LaneSet<'_>, scratch: &mut Vec<f32>) {
         let t = seq.query_start + set.row0 + r;
         &step.q[(t * h + set.kv_head * group) * d..][..group * d]
     };
-    let row_off = |p: usize| {
-        let block = seq.block_table[p / bs] as usize;
-        ((block * hkv + set.kv_head) * bs + p % bs) * d
-    };
+    let kv_head = set.kv_head;
+    let mut offs = [0usize; TILE];
 
     let mut p0 = 0;
     while p0 < end {
         let p1 = (p0 + TILE).min(end);
         let n = p1 - p0;
-        // Raw scores of the tile; row `r` sees the tile's first `vis0 + r - p0` positions,
-        // the others are left unwritten and never read.
-        for p in p0..p1 {
+        // Cache offsets of the tile's rows, walking the block table without divisions.
+        let (mut blk, mut within) = (p0 / bs, p0 % bs);
+        for off in offs[..n].iter_mut() {
+            *off = ((seq.block_table[blk] as usize * hkv + kv_head) * bs + within) * d;
+            within += 1;
+            if within == bs {
+                (blk, within) = (blk + 1, 0);
+            }
+        }
+        // Scaled scores of the tile, lane-major; row `r` sees the tile's first
+        // `vis0 + r - p0` positions, the others are left unwritten and never read.
+        for (j, &off) in offs[..n].iter().enumerate() {
+            let p = p0 + j;
             // SAFETY: the caller guarantees `K`'s features.
-            let k_row = unsafe { cache_row::<K>(step.k, row_off(p), d, row_buf) };
-            let s = &mut scores[(p - p0) * lanes..][..lanes];
+            let k_row = unsafe { cache_row::<K>(step.k, off, d, row_buf) };
             for r in (p + 1).saturating_sub(vis0)..rows {
+                let out = &mut scores[r * group * TILE + j..];
                 // SAFETY: the caller guarantees `K`'s features.
-                unsafe { K::dot_group(q_block(r), d, k_row, &mut s[r * group..][..group]) };
+                unsafe { K::dot_group(q_block(r), d, k_row, scale, out, TILE) };
             }
         }
         // Online softmax update: rescale by the new maximum, turn scores into weights.
         for lane in 0..lanes {
             let visible = (vis0 + lane / group).saturating_sub(p0).min(n);
+            // Weights of positions this lane does not see are 0 (they are finite cache rows).
+            scores[lane * TILE + visible..lane * TILE + n].fill(0.0);
             if visible == 0 {
                 continue;
             }
-            let mut tmax = f32::NEG_INFINITY;
-            for j in 0..visible {
-                let x = &mut scores[j * lanes + lane];
-                *x *= scale;
-                tmax = tmax.max(*x);
-            }
-            let new_m = m[lane].max(tmax);
+            let s = &mut scores[lane * TILE..][..visible];
+            // SAFETY: the caller guarantees `K`'s features.
+            let new_m = m[lane].max(unsafe { K::max(s) });
             if new_m > m[lane] {
                 let corr = (m[lane] - new_m).exp();
                 l[lane] *= corr;
@@ -588,23 +622,37 @@ unsafe fn attend<K: Kernels>(set: &LaneSet<'_>, scratch: &mut Vec<f32>) {
                 unsafe { K::scale(&mut acc[lane * d..][..d], corr) };
                 m[lane] = new_m;
             }
-            let mut sum = 0f32;
-            for j in 0..visible {
-                let w = &mut scores[j * lanes + lane];
-                *w = (*w - new_m).exp();
-                sum += *w;
+            // SAFETY: the caller guarantees `K`'s features.
+            l[lane] += unsafe { K::exp_sum(s, new_m) };
+        }
+        // Weighted values: the tile's rows (widened once) into every lane's accumulator.
+        let mut v_rows: [&[f32]; TILE] = [&[]; TILE];
+        match step.v {
+            KvView::F32(c) => {
+                for (row, &off) in v_rows.iter_mut().zip(&offs[..n]) {
+                    *row = &c[off..off + d];
+                }
             }
-            l[lane] += sum;
+            KvView::F16(c) => {
+                for (buf, &off) in tile_buf.chunks_exact_mut(d).zip(&offs[..n]) {
+                    // SAFETY: the caller guarantees `K`'s features.
+                    unsafe { K::f16_to_f32(&c[off..off + d], buf) };
+                }
+            }
+            KvView::Bf16(c) => {
+                for (buf, &off) in tile_buf.chunks_exact_mut(d).zip(&offs[..n]) {
+                    // SAFETY: the caller guarantees `K`'s features.
+                    unsafe { K::bf16_to_f32(&c[off..off + d], buf) };
+                }
+            }
         }
-        // Weighted values.
-        for p in p0..p1 {
-            // SAFETY: the caller guarantees `K`'s features.
-            let v_row = unsafe { cache_row::<K>(step.v, row_off(p), d, row_buf) };
-            let first = (p + 1).saturating_sub(vis0);
-            let w = &scores[(p - p0) * lanes..][..lanes];
-            // SAFETY: the caller guarantees `K`'s features.
-            unsafe { K::axpy_group(&mut acc[first * group * d..], d, &w[first * group..], v_row) };
+        if !matches!(step.v, KvView::F32(_)) {
+            for (row, buf) in v_rows.iter_mut().zip(tile_buf.chunks_exact(d)).take(n) {
+                *row = buf;
+            }
         }
+        // SAFETY: the caller guarantees `K`'s features.
+        unsafe { K::axpy_tile(acc, d, scores, &v_rows[..n]) };
         p0 = p1;
     }
 
@@ -632,7 +680,7 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{Kernels, LaneSet, attend};
+    use super::{Kernels, LaneSet, TILE, attend};
 
     /// The lane set with the AVX-512 kernels.
     ///
@@ -654,15 +702,75 @@ mod x86 {
         unsafe { attend::<Avx2>(set, scratch) }
     }
 
+    /// `exp(x)` on 16 lanes: `2^n * p(r)` with `x = n ln2 + r`, `|r| <= ln2 / 2`, `p` the
+    /// degree-6 Taylor polynomial (relative error about 2e-7); inputs below -87.3 give ~0.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn exp512(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(EXP_C[0]);
+        for c in &EXP_C[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// `exp(x)` on 8 lanes, as [`exp512`]; `2^n` is built in the exponent bits.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn exp256(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_C[0]);
+        for c in &EXP_C[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+        }
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+    }
+
+    /// ln 2 split in a part exact in f32 and the rest (Cody-Waite reduction).
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    /// Taylor coefficients of `exp`, highest degree first: 1/720 .. 1.
+    const EXP_C: [f32; 7] = [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ];
+
     /// 16-lane kernels (AVX-512 F/BW/VL); tails use masked loads and stores.
     pub(super) struct Avx512;
 
     /// `out[j] = q_j · k` for `L` query rows of `d` starting at `q`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[inline]
-    unsafe fn dot512<const L: usize>(q: *const f32, d: usize, k: *const f32, out: *mut f32) {
+    unsafe fn dot512<const L: usize>(
+        q: *const f32,
+        d: usize,
+        k: *const f32,
+        scale: f32,
+        out: *mut f32,
+        stride: usize,
+    ) {
         // SAFETY (whole body): the caller passes `L` rows of `d` floats at `q`, `d` at `k`
-        // and `L` writable floats at `out`; masked loads touch only the tail's lanes.
+        // and `L` writable floats `stride` apart at `out`; masked loads touch only the tail's lanes.
         unsafe {
             let mut acc = [_mm512_setzero_ps(); L];
             let mut i = 0;
@@ -681,7 +789,7 @@ mod x86 {
                 }
             }
             for (j, a) in acc.iter().enumerate() {
-                *out.add(j) = _mm512_reduce_add_ps(*a);
+                *out.add(j * stride) = scale * _mm512_reduce_add_ps(*a);
             }
         }
     }
@@ -689,13 +797,19 @@ mod x86 {
     /// `acc_j += w[j] * v` for `L` accumulator rows of `d` starting at `acc`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[inline]
-    unsafe fn axpy512<const L: usize>(acc: *mut f32, d: usize, w: *const f32, v: *const f32) {
+    unsafe fn axpy512<const L: usize>(
+        acc: *mut f32,
+        d: usize,
+        w: *const f32,
+        stride: usize,
+        v: *const f32,
+    ) {
         // SAFETY (whole body): the caller passes `L` rows of `d` floats at `acc`, `L` weights
         // at `w` and `d` floats at `v`; masked accesses touch only the tail's lanes.
         unsafe {
             let mut ws = [_mm512_setzero_ps(); L];
             for (j, x) in ws.iter_mut().enumerate() {
-                *x = _mm512_set1_ps(*w.add(j));
+                *x = _mm512_set1_ps(*w.add(j * stride));
             }
             let mut i = 0;
             while i + 16 <= d {
@@ -718,24 +832,71 @@ mod x86 {
         }
     }
 
+    /// `acc_l += Σ_j w[l * TILE + j] * rows[j]` for `L` lanes, 64 columns at a time with the
+    /// accumulators held in registers across the rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn tile512<const L: usize>(acc: *mut f32, d: usize, w: *const f32, rows: &[*const f32]) {
+        // SAFETY (whole body): the caller passes `L` accumulator rows of `d` floats at `acc`,
+        // `L` weight rows of `TILE` at `w` and `rows.len() <= TILE` rows of `d` floats; masked
+        // accesses touch only columns below `d`.
+        unsafe {
+            let mut b = 0;
+            while b < d {
+                let mut masks = [0 as __mmask16; 4];
+                for (c, m) in masks.iter_mut().enumerate() {
+                    let left = d.saturating_sub(b + 16 * c).min(16);
+                    *m = ((1u32 << left) - 1) as __mmask16;
+                }
+                let mut accs = [[_mm512_setzero_ps(); 4]; L];
+                for (l, a) in accs.iter_mut().enumerate() {
+                    for (c, x) in a.iter_mut().enumerate() {
+                        *x = _mm512_maskz_loadu_ps(masks[c], acc.add(l * d + b + 16 * c));
+                    }
+                }
+                for (j, &row) in rows.iter().enumerate() {
+                    let mut vs = [_mm512_setzero_ps(); 4];
+                    for (c, x) in vs.iter_mut().enumerate() {
+                        *x = _mm512_maskz_loadu_ps(masks[c], row.add(b + 16 * c));
+                    }
+                    for (l, a) in accs.iter_mut().enumerate() {
+                        let wv = _mm512_set1_ps(*w.add(l * TILE + j));
+                        for (x, v) in a.iter_mut().zip(&vs) {
+                            *x = _mm512_fmadd_ps(wv, *v, *x);
+                        }
+                    }
+                }
+                for (l, a) in accs.iter().enumerate() {
+                    for (c, x) in a.iter().enumerate() {
+                        _mm512_mask_storeu_ps(acc.add(l * d + b + 16 * c), masks[c], *x);
+                    }
+                }
+                b += 64;
+            }
+        }
+    }
+
     impl Kernels for Avx512 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         #[inline]
-        unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], out: &mut [f32]) {
-            let n = out.len();
-            assert!(q.len() >= n * d && k.len() >= d);
+        unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], scale: f32, out: &mut [f32], stride: usize) {
+            let n = q.len() / d;
+            if n == 0 {
+                return;
+            }
+            assert!(k.len() >= d && out.len() > (n - 1) * stride);
             let (q, k, o) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
             let mut j = 0;
             // SAFETY: rows `j..j + L` are inside `q` and `out` (asserted above).
             unsafe {
                 while j + 4 <= n {
-                    dot512::<4>(q.add(j * d), d, k, o.add(j));
+                    dot512::<4>(q.add(j * d), d, k, scale, o.add(j * stride), stride);
                     j += 4;
                 }
                 match n - j {
-                    3 => dot512::<3>(q.add(j * d), d, k, o.add(j)),
-                    2 => dot512::<2>(q.add(j * d), d, k, o.add(j)),
-                    1 => dot512::<1>(q.add(j * d), d, k, o.add(j)),
+                    3 => dot512::<3>(q.add(j * d), d, k, scale, o.add(j * stride), stride),
+                    2 => dot512::<2>(q.add(j * d), d, k, scale, o.add(j * stride), stride),
+                    1 => dot512::<1>(q.add(j * d), d, k, scale, o.add(j * stride), stride),
                     _ => {}
                 }
             }
@@ -743,21 +904,54 @@ mod x86 {
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         #[inline]
-        unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], v: &[f32]) {
-            let n = w.len();
-            assert!(acc.len() >= n * d && v.len() >= d);
+        unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], stride: usize, n: usize, v: &[f32]) {
+            if n == 0 {
+                return;
+            }
+            assert!(acc.len() >= n * d && w.len() > (n - 1) * stride && v.len() >= d);
             let (a, w, v) = (acc.as_mut_ptr(), w.as_ptr(), v.as_ptr());
             let mut j = 0;
             // SAFETY: rows `j..j + L` are inside `acc` and `w` (asserted above).
             unsafe {
                 while j + 4 <= n {
-                    axpy512::<4>(a.add(j * d), d, w.add(j), v);
+                    axpy512::<4>(a.add(j * d), d, w.add(j * stride), stride, v);
                     j += 4;
                 }
                 match n - j {
-                    3 => axpy512::<3>(a.add(j * d), d, w.add(j), v),
-                    2 => axpy512::<2>(a.add(j * d), d, w.add(j), v),
-                    1 => axpy512::<1>(a.add(j * d), d, w.add(j), v),
+                    3 => axpy512::<3>(a.add(j * d), d, w.add(j * stride), stride, v),
+                    2 => axpy512::<2>(a.add(j * d), d, w.add(j * stride), stride, v),
+                    1 => axpy512::<1>(a.add(j * d), d, w.add(j * stride), stride, v),
+                    _ => {}
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        #[inline]
+        unsafe fn axpy_tile(acc: &mut [f32], d: usize, w: &[f32], v: &[&[f32]]) {
+            let lanes = acc.len() / d;
+            if lanes == 0 || v.is_empty() {
+                return;
+            }
+            assert!(w.len() >= (lanes - 1) * TILE + v.len() && v.len() <= TILE);
+            assert!(v.iter().all(|r| r.len() >= d));
+            let mut rows = [std::ptr::null::<f32>(); TILE];
+            for (p, r) in rows.iter_mut().zip(v) {
+                *p = r.as_ptr();
+            }
+            let (a, w, rows) = (acc.as_mut_ptr(), w.as_ptr(), &rows[..v.len()]);
+            let mut j = 0;
+            // SAFETY: lanes `j..j + L` are inside `acc` and `w`, rows hold `d` floats each
+            // (asserted above).
+            unsafe {
+                while j + 4 <= lanes {
+                    tile512::<4>(a.add(j * d), d, w.add(j * TILE), rows);
+                    j += 4;
+                }
+                match lanes - j {
+                    3 => tile512::<3>(a.add(j * d), d, w.add(j * TILE), rows),
+                    2 => tile512::<2>(a.add(j * d), d, w.add(j * TILE), rows),
+                    1 => tile512::<1>(a.add(j * d), d, w.add(j * TILE), rows),
                     _ => {}
                 }
             }
@@ -780,6 +974,52 @@ mod x86 {
                     let x = _mm512_maskz_loadu_ps(mask, p.add(i));
                     _mm512_mask_storeu_ps(p.add(i), mask, _mm512_mul_ps(s, x));
                 }
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        #[inline]
+        unsafe fn max(s: &[f32]) -> f32 {
+            let (p, n) = (s.as_ptr(), s.len());
+            // SAFETY: accesses stay inside `s` (full chunks, then a masked tail).
+            unsafe {
+                let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+                let mut i = 0;
+                while i + 16 <= n {
+                    m = _mm512_max_ps(m, _mm512_loadu_ps(p.add(i)));
+                    i += 16;
+                }
+                if i < n {
+                    let mask: __mmask16 = (1u16 << (n - i)) - 1;
+                    m = _mm512_mask_max_ps(m, mask, m, _mm512_maskz_loadu_ps(mask, p.add(i)));
+                }
+                _mm512_reduce_max_ps(m)
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        #[inline]
+        unsafe fn exp_sum(s: &mut [f32], m: f32) -> f32 {
+            let (p, n) = (s.as_mut_ptr(), s.len());
+            // SAFETY: accesses stay inside `s` (full chunks, then a masked tail).
+            unsafe {
+                let mv = _mm512_set1_ps(m);
+                let mut sum = _mm512_setzero_ps();
+                let mut i = 0;
+                while i + 16 <= n {
+                    let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv));
+                    _mm512_storeu_ps(p.add(i), e);
+                    sum = _mm512_add_ps(sum, e);
+                    i += 16;
+                }
+                if i < n {
+                    let mask: __mmask16 = (1u16 << (n - i)) - 1;
+                    let x = _mm512_maskz_loadu_ps(mask, p.add(i));
+                    let e = exp512(_mm512_sub_ps(x, mv));
+                    _mm512_mask_storeu_ps(p.add(i), mask, e);
+                    sum = _mm512_mask_add_ps(sum, mask, sum, e);
+                }
+                _mm512_reduce_add_ps(sum)
             }
         }
 
@@ -844,9 +1084,16 @@ mod x86 {
     /// `out[j] = q_j · k` for `L` query rows of `d` starting at `q`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn dot256<const L: usize>(q: *const f32, d: usize, k: *const f32, out: *mut f32) {
+    unsafe fn dot256<const L: usize>(
+        q: *const f32,
+        d: usize,
+        k: *const f32,
+        scale: f32,
+        out: *mut f32,
+        stride: usize,
+    ) {
         // SAFETY (whole body): the caller passes `L` rows of `d` floats at `q`, `d` at `k`
-        // and `L` writable floats at `out`.
+        // and `L` writable floats `stride` apart at `out`.
         unsafe {
             let mut acc = [_mm256_setzero_ps(); L];
             let mut i = 0;
@@ -862,7 +1109,7 @@ mod x86 {
                 for x in i..d {
                     s += *q.add(j * d + x) * *k.add(x);
                 }
-                *out.add(j) = s;
+                *out.add(j * stride) = scale * s;
             }
         }
     }
@@ -870,13 +1117,19 @@ mod x86 {
     /// `acc_j += w[j] * v` for `L` accumulator rows of `d` starting at `acc`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn axpy256<const L: usize>(acc: *mut f32, d: usize, w: *const f32, v: *const f32) {
+    unsafe fn axpy256<const L: usize>(
+        acc: *mut f32,
+        d: usize,
+        w: *const f32,
+        stride: usize,
+        v: *const f32,
+    ) {
         // SAFETY (whole body): the caller passes `L` rows of `d` floats at `acc`, `L` weights
         // at `w` and `d` floats at `v`.
         unsafe {
             let mut ws = [_mm256_setzero_ps(); L];
             for (j, x) in ws.iter_mut().enumerate() {
-                *x = _mm256_set1_ps(*w.add(j));
+                *x = _mm256_set1_ps(*w.add(j * stride));
             }
             let mut i = 0;
             while i + 8 <= d {
@@ -888,7 +1141,7 @@ mod x86 {
                 i += 8;
             }
             for j in 0..L {
-                let wj = *w.add(j);
+                let wj = *w.add(j * stride);
                 for x in i..d {
                     *acc.add(j * d + x) += wj * *v.add(x);
                 }
@@ -899,21 +1152,24 @@ mod x86 {
     impl Kernels for Avx2 {
         #[target_feature(enable = "avx2,fma,f16c")]
         #[inline]
-        unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], out: &mut [f32]) {
-            let n = out.len();
-            assert!(q.len() >= n * d && k.len() >= d);
+        unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], scale: f32, out: &mut [f32], stride: usize) {
+            let n = q.len() / d;
+            if n == 0 {
+                return;
+            }
+            assert!(k.len() >= d && out.len() > (n - 1) * stride);
             let (q, k, o) = (q.as_ptr(), k.as_ptr(), out.as_mut_ptr());
             let mut j = 0;
             // SAFETY: rows `j..j + L` are inside `q` and `out` (asserted above).
             unsafe {
                 while j + 4 <= n {
-                    dot256::<4>(q.add(j * d), d, k, o.add(j));
+                    dot256::<4>(q.add(j * d), d, k, scale, o.add(j * stride), stride);
                     j += 4;
                 }
                 match n - j {
-                    3 => dot256::<3>(q.add(j * d), d, k, o.add(j)),
-                    2 => dot256::<2>(q.add(j * d), d, k, o.add(j)),
-                    1 => dot256::<1>(q.add(j * d), d, k, o.add(j)),
+                    3 => dot256::<3>(q.add(j * d), d, k, scale, o.add(j * stride), stride),
+                    2 => dot256::<2>(q.add(j * d), d, k, scale, o.add(j * stride), stride),
+                    1 => dot256::<1>(q.add(j * d), d, k, scale, o.add(j * stride), stride),
                     _ => {}
                 }
             }
@@ -921,21 +1177,23 @@ mod x86 {
 
         #[target_feature(enable = "avx2,fma,f16c")]
         #[inline]
-        unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], v: &[f32]) {
-            let n = w.len();
-            assert!(acc.len() >= n * d && v.len() >= d);
+        unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], stride: usize, n: usize, v: &[f32]) {
+            if n == 0 {
+                return;
+            }
+            assert!(acc.len() >= n * d && w.len() > (n - 1) * stride && v.len() >= d);
             let (a, w, v) = (acc.as_mut_ptr(), w.as_ptr(), v.as_ptr());
             let mut j = 0;
             // SAFETY: rows `j..j + L` are inside `acc` and `w` (asserted above).
             unsafe {
                 while j + 4 <= n {
-                    axpy256::<4>(a.add(j * d), d, w.add(j), v);
+                    axpy256::<4>(a.add(j * d), d, w.add(j * stride), stride, v);
                     j += 4;
                 }
                 match n - j {
-                    3 => axpy256::<3>(a.add(j * d), d, w.add(j), v),
-                    2 => axpy256::<2>(a.add(j * d), d, w.add(j), v),
-                    1 => axpy256::<1>(a.add(j * d), d, w.add(j), v),
+                    3 => axpy256::<3>(a.add(j * d), d, w.add(j * stride), stride, v),
+                    2 => axpy256::<2>(a.add(j * d), d, w.add(j * stride), stride, v),
+                    1 => axpy256::<1>(a.add(j * d), d, w.add(j * stride), stride, v),
                     _ => {}
                 }
             }
@@ -957,6 +1215,53 @@ mod x86 {
                     *p.add(x) *= a;
                 }
             }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn max(s: &[f32]) -> f32 {
+            let (p, n) = (s.as_ptr(), s.len());
+            let mut i = 0;
+            let mut best = f32::NEG_INFINITY;
+            // SAFETY: accesses stay inside `s`.
+            unsafe {
+                let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+                while i + 8 <= n {
+                    m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
+                    i += 8;
+                }
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+                for x in lanes {
+                    best = best.max(x);
+                }
+            }
+            s[i..].iter().fold(best, |a, &b| a.max(b))
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn exp_sum(s: &mut [f32], m: f32) -> f32 {
+            let (p, n) = (s.as_mut_ptr(), s.len());
+            let mut i = 0;
+            let mut total;
+            // SAFETY: accesses stay inside `s`.
+            unsafe {
+                let mv = _mm256_set1_ps(m);
+                let mut sum = _mm256_setzero_ps();
+                while i + 8 <= n {
+                    let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+                    _mm256_storeu_ps(p.add(i), e);
+                    sum = _mm256_add_ps(sum, e);
+                    i += 8;
+                }
+                total = hsum256(sum);
+            }
+            for x in s[i..].iter_mut() {
+                *x = (*x - m).exp();
+                total += *x;
+            }
+            total
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -1018,23 +1323,37 @@ mod tests {
         for d in [1, 3, 8, 15, 16, 17, 20, 64, 80, 128] {
             for n in 1..=9 {
                 let (q, k) = (data(n * d, 1), data(d, 2));
-                let mut got = vec![0f32; n];
+                let stride = 3;
+                let mut got = vec![0f32; n * stride];
                 // SAFETY: the caller guarantees `K`'s features.
-                unsafe { K::dot_group(&q, d, &k, &mut got) };
-                for (j, g) in got.iter().enumerate() {
+                unsafe { K::dot_group(&q, d, &k, 0.5, &mut got, stride) };
+                for j in 0..n {
                     let want: f32 = q[j * d..][..d].iter().zip(&k).map(|(a, b)| a * b).sum();
-                    assert!((g - want).abs() < 1e-4, "dot d {d} n {n}");
+                    assert!((got[j * stride] - 0.5 * want).abs() < 1e-4, "dot d {d} n {n}");
                 }
-                let (mut acc, w, v) = (data(n * d, 3), data(n, 4), data(d, 5));
+                let (mut acc, w, v) = (data(n * d, 3), data(n * stride, 4), data(d, 5));
                 let mut want = acc.clone();
                 for j in 0..n {
                     for x in 0..d {
-                        want[j * d + x] += w[j] * v[x];
+                        want[j * d + x] += w[j * stride] * v[x];
                     }
                 }
                 // SAFETY: as above.
-                unsafe { K::axpy_group(&mut acc, d, &w, &v) };
+                unsafe { K::axpy_group(&mut acc, d, &w, stride, n, &v) };
                 assert!(acc.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
+            }
+            let s = data(d, 8);
+            // SAFETY: as above.
+            let got = unsafe { K::max(&s) };
+            assert_eq!(got, s.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+            let mut e: Vec<f32> = s.iter().map(|x| x * 60.0).collect();
+            let m = e.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let want: Vec<f32> = e.iter().map(|x| (x - m).exp()).collect();
+            // SAFETY: as above.
+            let sum = unsafe { K::exp_sum(&mut e, m) };
+            assert!((sum - want.iter().sum::<f32>()).abs() < 1e-5 * sum.max(1.0), "sum d {d}");
+            for (g, w) in e.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-6 * w.max(1e-30) + 1e-37, "exp d {d}: {g} vs {w}");
             }
             let mut y = data(d, 6);
             let want: Vec<f32> = y.iter().map(|x| x * 0.25).collect();
