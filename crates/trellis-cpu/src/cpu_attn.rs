@@ -252,7 +252,10 @@ enum F32Data<'a> {
 impl<'a> F32Data<'a> {
     fn of(t: &'a Tensor, what: &str, dims: [usize; 3]) -> Result<Self> {
         if t.dims() != dims {
-            bail!("{CPU_ATTN}: {what} has shape {:?}, expected {dims:?}", t.dims());
+            bail!(
+                "{CPU_ATTN}: {what} has shape {:?}, expected {dims:?}",
+                t.dims()
+            );
         }
         if t.dtype() == DType::F32 && t.layout().is_contiguous() {
             let (storage, layout) = t.storage_and_layout();
@@ -267,8 +270,7 @@ impl<'a> F32Data<'a> {
 
     fn slice(&self) -> &[f32] {
         match self {
-            F32Data::Borrowed(storage, layout) => match (&**storage, layout.contiguous_offsets())
-            {
+            F32Data::Borrowed(storage, layout) => match (&**storage, layout.contiguous_offsets()) {
                 (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => &v[start..end],
                 _ => &[],
             },
@@ -323,8 +325,7 @@ impl AttentionImpl for CpuAttnAttention {
         let k = F32Data::of(key, "key", [num_tokens, hkv, d])?;
         let v = F32Data::of(value, "value", [num_tokens, hkv, d])?;
         let (q, k, v) = (q.slice(), k.slice(), v.slice());
-        if q.len() != num_tokens * h * d || k.len() != num_tokens * hkv * d || k.len() != v.len()
-        {
+        if q.len() != num_tokens * h * d || k.len() != num_tokens * hkv * d || k.len() != v.len() {
             bail!("{CPU_ATTN}: query, key or value is not readable as contiguous f32");
         }
         let bs = self.block_size;
@@ -463,7 +464,14 @@ trait Kernels {
 struct Scalar;
 
 impl Kernels for Scalar {
-    unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], scale: f32, out: &mut [f32], stride: usize) {
+    unsafe fn dot_group(
+        q: &[f32],
+        d: usize,
+        k: &[f32],
+        scale: f32,
+        out: &mut [f32],
+        stride: usize,
+    ) {
         for (i, qr) in q.chunks_exact(d).enumerate() {
             out[i * stride] = scale * qr.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
         }
@@ -707,7 +715,10 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     #[inline]
     fn exp512(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.0));
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.3)),
+            _mm512_set1_ps(88.0),
+        );
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -724,7 +735,10 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     fn exp256(x: __m256) -> __m256 {
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3)), _mm256_set1_ps(88.0));
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+            _mm256_set1_ps(88.0),
+        );
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -879,7 +893,14 @@ mod x86 {
     impl Kernels for Avx512 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         #[inline]
-        unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], scale: f32, out: &mut [f32], stride: usize) {
+        unsafe fn dot_group(
+            q: &[f32],
+            d: usize,
+            k: &[f32],
+            scale: f32,
+            out: &mut [f32],
+            stride: usize,
+        ) {
             let n = q.len() / d;
             if n == 0 {
                 return;
@@ -904,7 +925,14 @@ mod x86 {
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         #[inline]
-        unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], stride: usize, n: usize, v: &[f32]) {
+        unsafe fn axpy_group(
+            acc: &mut [f32],
+            d: usize,
+            w: &[f32],
+            stride: usize,
+            n: usize,
+            v: &[f32],
+        ) {
             if n == 0 {
                 return;
             }
@@ -1152,7 +1180,14 @@ mod x86 {
     impl Kernels for Avx2 {
         #[target_feature(enable = "avx2,fma,f16c")]
         #[inline]
-        unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], scale: f32, out: &mut [f32], stride: usize) {
+        unsafe fn dot_group(
+            q: &[f32],
+            d: usize,
+            k: &[f32],
+            scale: f32,
+            out: &mut [f32],
+            stride: usize,
+        ) {
             let n = q.len() / d;
             if n == 0 {
                 return;
@@ -1177,7 +1212,14 @@ mod x86 {
 
         #[target_feature(enable = "avx2,fma,f16c")]
         #[inline]
-        unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], stride: usize, n: usize, v: &[f32]) {
+        unsafe fn axpy_group(
+            acc: &mut [f32],
+            d: usize,
+            w: &[f32],
+            stride: usize,
+            n: usize,
+            v: &[f32],
+        ) {
             if n == 0 {
                 return;
             }
@@ -1329,7 +1371,10 @@ mod tests {
                 unsafe { K::dot_group(&q, d, &k, 0.5, &mut got, stride) };
                 for j in 0..n {
                     let want: f32 = q[j * d..][..d].iter().zip(&k).map(|(a, b)| a * b).sum();
-                    assert!((got[j * stride] - 0.5 * want).abs() < 1e-4, "dot d {d} n {n}");
+                    assert!(
+                        (got[j * stride] - 0.5 * want).abs() < 1e-4,
+                        "dot d {d} n {n}"
+                    );
                 }
                 let (mut acc, w, v) = (data(n * d, 3), data(n * stride, 4), data(d, 5));
                 let mut want = acc.clone();
@@ -1342,6 +1387,27 @@ mod tests {
                 unsafe { K::axpy_group(&mut acc, d, &w, stride, n, &v) };
                 assert!(acc.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
             }
+            // A tile of value rows into 1..=5 lanes.
+            for lanes in 1..=5 {
+                let rows: Vec<Vec<f32>> = (0..TILE - 3).map(|j| data(d, 10 + j as u32)).collect();
+                let views: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+                let w = data(lanes * TILE, 9);
+                let mut acc = data(lanes * d, 11);
+                let mut want = acc.clone();
+                for l in 0..lanes {
+                    for (j, r) in rows.iter().enumerate() {
+                        for x in 0..d {
+                            want[l * d + x] += w[l * TILE + j] * r[x];
+                        }
+                    }
+                }
+                // SAFETY: as above.
+                unsafe { K::axpy_tile(&mut acc, d, &w, &views) };
+                assert!(
+                    acc.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-4),
+                    "tile d {d}"
+                );
+            }
             let s = data(d, 8);
             // SAFETY: as above.
             let got = unsafe { K::max(&s) };
@@ -1351,9 +1417,15 @@ mod tests {
             let want: Vec<f32> = e.iter().map(|x| (x - m).exp()).collect();
             // SAFETY: as above.
             let sum = unsafe { K::exp_sum(&mut e, m) };
-            assert!((sum - want.iter().sum::<f32>()).abs() < 1e-5 * sum.max(1.0), "sum d {d}");
+            assert!(
+                (sum - want.iter().sum::<f32>()).abs() < 1e-5 * sum.max(1.0),
+                "sum d {d}"
+            );
             for (g, w) in e.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-6 * w.max(1e-30) + 1e-37, "exp d {d}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.max(1e-30) + 1e-37,
+                    "exp d {d}: {g} vs {w}"
+                );
             }
             let mut y = data(d, 6);
             let want: Vec<f32> = y.iter().map(|x| x * 0.25).collect();
@@ -1361,15 +1433,29 @@ mod tests {
             unsafe { K::scale(&mut y, 0.25) };
             assert_eq!(y, want);
             let x = data(d, 7);
-            let h: Vec<u16> = x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
-            let b: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let h: Vec<u16> = x
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect();
+            let b: Vec<u16> = x
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
             let mut out = vec![0f32; d];
             // SAFETY: as above.
             unsafe { K::f16_to_f32(&h, &mut out) };
-            assert!(out.iter().zip(&h).all(|(o, &s)| *o == half::f16::from_bits(s).to_f32()));
+            assert!(
+                out.iter()
+                    .zip(&h)
+                    .all(|(o, &s)| *o == half::f16::from_bits(s).to_f32())
+            );
             // SAFETY: as above.
             unsafe { K::bf16_to_f32(&b, &mut out) };
-            assert!(out.iter().zip(&b).all(|(o, &s)| *o == half::bf16::from_bits(s).to_f32()));
+            assert!(
+                out.iter()
+                    .zip(&b)
+                    .all(|(o, &s)| *o == half::bf16::from_bits(s).to_f32())
+            );
         }
     }
 

@@ -257,7 +257,10 @@ mod tests {
         };
         let s = p.get_attn_backend(None, &f16, &reg).map(|s| s.name);
         assert_eq!(s.ok().as_deref(), Some("CPU_ATTN"));
-        assert!(p.get_attn_backend(Some("CPU_REFERENCE"), &f16, &reg).is_err());
+        assert!(
+            p.get_attn_backend(Some("CPU_REFERENCE"), &f16, &reg)
+                .is_err()
+        );
     }
 
     #[test]

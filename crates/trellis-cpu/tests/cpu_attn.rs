@@ -39,7 +39,10 @@ impl Rng {
 fn round(x: &[f32], dtype: DType) -> Vec<f32> {
     match dtype {
         DType::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-        DType::BF16 => x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(),
+        DType::BF16 => x
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect(),
         _ => x.to_vec(),
     }
 }
@@ -214,7 +217,12 @@ fn mixed_case(rng: &mut Rng, group: usize, hkv: usize, d: usize, bs: usize, dtyp
     // Step 2: the rest of each sequence in one chunk (prefill, or decode when one is left).
     steps.push(
         (0..seqs.len())
-            .map(|i| (i, lens[i] - steps[0].iter().find(|p| p.0 == i).map_or(0, |p| p.1)))
+            .map(|i| {
+                (
+                    i,
+                    lens[i] - steps[0].iter().find(|p| p.0 == i).map_or(0, |p| p.1),
+                )
+            })
             .filter(|&(_, n)| n > 0)
             .collect(),
     );
@@ -224,8 +232,7 @@ fn mixed_case(rng: &mut Rng, group: usize, hkv: usize, d: usize, bs: usize, dtyp
     if lens[a] >= bs && lens[b] > bs {
         let shared = seqs[a].table[0];
         seqs[b].table[0] = shared;
-        let (kv, qd) = (bs * hkv * d, 0);
-        let _ = qd;
+        let kv = bs * hkv * d;
         let (ka, va) = (seqs[a].k[..kv].to_vec(), seqs[a].v[..kv].to_vec());
         seqs[b].k[..kv].copy_from_slice(&ka);
         seqs[b].v[..kv].copy_from_slice(&va);
@@ -253,7 +260,10 @@ fn mixed_case(rng: &mut Rng, group: usize, hkv: usize, d: usize, bs: usize, dtyp
     }
     let plan: Vec<(usize, usize)> = (0..seqs.len()).map(|i| (i, 1)).collect();
     let (err, _) = pair.step(&mut seqs, &plan).expect("decode step");
-    assert!(err < 1e-4, "group {group} d {d} bs {bs} {dtype:?} decode: {err}");
+    assert!(
+        err < 1e-4,
+        "group {group} d {d} bs {bs} {dtype:?} decode: {err}"
+    );
 }
 
 #[test]
@@ -300,7 +310,10 @@ fn long_context_prefill_and_decode() {
         for (i, n) in [4000, 95, 1].into_iter().enumerate() {
             let (err, rounding) = pair.step(&mut seqs, &[(0, n)]).expect("step");
             assert!(err < 1e-4, "{dtype:?} step {i}: error {err}");
-            assert!(rounding < rounding_tolerance(dtype), "{dtype:?}: {rounding}");
+            assert!(
+                rounding < rounding_tolerance(dtype),
+                "{dtype:?}: {rounding}"
+            );
         }
     }
 }

@@ -309,8 +309,8 @@ impl EngineArgs {
         c.max_num_batched_tokens = self.max_num_batched_tokens;
         c.block_size = self.block_size;
         c.kv_cache_memory = self.kv_cache_memory;
-        c.kv_cache_dtype =
-            trellis_engine::parse_kv_cache_dtype(&self.kv_cache_dtype).map_err(anyhow::Error::msg)?;
+        c.kv_cache_dtype = trellis_engine::parse_kv_cache_dtype(&self.kv_cache_dtype)
+            .map_err(anyhow::Error::msg)?;
         c.enable_prefix_caching = !self.no_enable_prefix_caching;
         c.seed = self.seed;
         c.attention_backend = self.attention_backend.clone();
