@@ -440,6 +440,14 @@ trait Kernels {
     unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], scale: f32, out: &mut [f32], stride: usize);
     /// `acc[i*d..(i+1)*d] += w[i * stride] * v` for `i < n`; `v.len() == d`.
     unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], stride: usize, n: usize, v: &[f32]);
+    /// `out[i * TILE + j] = scale * (q[i*d..(i+1)*d] · k[j])` for every lane
+    /// `i < q.len() / d` and row `j < k.len()`; every `k[j].len() == d`.
+    unsafe fn dot_tile(q: &[f32], d: usize, k: &[&[f32]], scale: f32, out: &mut [f32]) {
+        for (j, row) in k.iter().enumerate() {
+            // SAFETY: the caller guarantees the features `dot_group` needs.
+            unsafe { Self::dot_group(q, d, row, scale, &mut out[j..], TILE) };
+        }
+    }
     /// `acc[i*d..(i+1)*d] += Σ_j w[i * TILE + j] * v[j]` for every lane `i < acc.len() / d`;
     /// every `v[j].len() == d`.
     unsafe fn axpy_tile(acc: &mut [f32], d: usize, w: &[f32], v: &[&[f32]]) {
@@ -514,37 +522,47 @@ impl Kernels for Scalar {
     }
 }
 
-/// Row `off..off + d` of a cache as f32: in place for f32, else widened into `buf`.
+/// The cache rows at `offs` as f32 slices: in place for f32, else widened into `buf`
+/// (`offs.len() * d` floats).
 ///
 /// # Safety
 /// The CPU features `K` needs must be present.
 #[inline(always)]
-unsafe fn cache_row<'a, K: Kernels>(
+unsafe fn tile_rows<'a, K: Kernels>(
     cache: KvView<'a>,
-    off: usize,
+    offs: &[usize],
     d: usize,
     buf: &'a mut [f32],
-) -> &'a [f32] {
+) -> [&'a [f32]; TILE] {
+    let mut rows: [&[f32]; TILE] = [&[]; TILE];
     match cache {
-        KvView::F32(c) => &c[off..off + d],
-        KvView::F16(c) => {
-            // SAFETY: the caller guarantees `K`'s features.
-            unsafe { K::f16_to_f32(&c[off..off + d], buf) };
-            buf
+        KvView::F32(c) => {
+            for (row, &off) in rows.iter_mut().zip(offs) {
+                *row = &c[off..off + d];
+            }
         }
-        KvView::Bf16(c) => {
-            // SAFETY: the caller guarantees `K`'s features.
-            unsafe { K::bf16_to_f32(&c[off..off + d], buf) };
-            buf
+        KvView::F16(c) | KvView::Bf16(c) => {
+            let bf16 = matches!(cache, KvView::Bf16(_));
+            for ((row, b), &off) in rows.iter_mut().zip(buf.chunks_exact_mut(d)).zip(offs) {
+                // SAFETY: the caller guarantees `K`'s features.
+                unsafe {
+                    match bf16 {
+                        true => K::bf16_to_f32(&c[off..off + d], b),
+                        false => K::f16_to_f32(&c[off..off + d], b),
+                    }
+                }
+                *row = b;
+            }
         }
     }
+    rows
 }
 
 /// The attention of one lane set (see the module docs), written into its output rows.
 ///
 /// Scratch layout: `acc [lanes * d] | scores [lanes * TILE] | m [lanes] | l [lanes] |
-/// row [d] | tile [TILE * d]`, scores being lane-major so one lane's tile is contiguous for
-/// the softmax; `tile` holds a tile of widened f16/bf16 value rows.
+/// tile [TILE * d]`, scores being lane-major so one lane's tile is contiguous for the
+/// softmax; `tile` holds a tile of key or value rows widened from f16/bf16.
 ///
 /// # Safety
 /// The CPU features `K` needs must be present, and `set` must come from a checked call (its
@@ -562,7 +580,7 @@ unsafe fn attend<K: Kernels>(set: &LaneSet<'_>, scratch: &mut Vec<f32>) {
     let group = h / hkv;
     let rows = set.rows;
     let lanes = rows * group;
-    let need = lanes * d + TILE * lanes + 2 * lanes + d + TILE * d;
+    let need = lanes * d + TILE * lanes + 2 * lanes + TILE * d;
     if scratch.len() < need {
         scratch.resize(need, 0.0);
     }
@@ -570,7 +588,6 @@ unsafe fn attend<K: Kernels>(set: &LaneSet<'_>, scratch: &mut Vec<f32>) {
     let (scores, rest) = rest.split_at_mut(TILE * lanes);
     let (m, rest) = rest.split_at_mut(lanes);
     let (l, rest) = rest.split_at_mut(lanes);
-    let (row_buf, rest) = rest.split_at_mut(d);
     let tile_buf = &mut rest[..TILE * d];
     acc.fill(0.0);
     m.fill(f32::NEG_INFINITY);
@@ -600,16 +617,16 @@ unsafe fn attend<K: Kernels>(set: &LaneSet<'_>, scratch: &mut Vec<f32>) {
                 (blk, within) = (blk + 1, 0);
             }
         }
-        // Scaled scores of the tile, lane-major; row `r` sees the tile's first
-        // `vis0 + r - p0` positions, the others are left unwritten and never read.
-        for (j, &off) in offs[..n].iter().enumerate() {
-            let p = p0 + j;
+        // Scaled scores of the tile, lane-major. Row `r` sees the tile's first
+        // `vis0 + r - p0` positions; rows that see none are skipped, the scores of positions a
+        // row does not see are computed (from finite rows) but never used.
+        {
             // SAFETY: the caller guarantees `K`'s features.
-            let k_row = unsafe { cache_row::<K>(step.k, off, d, row_buf) };
-            for r in (p + 1).saturating_sub(vis0)..rows {
-                let out = &mut scores[r * group * TILE + j..];
+            let k_rows = unsafe { tile_rows::<K>(step.k, &offs[..n], d, tile_buf) };
+            for r in (p0 + 1).saturating_sub(vis0)..rows {
+                let out = &mut scores[r * group * TILE..];
                 // SAFETY: the caller guarantees `K`'s features.
-                unsafe { K::dot_group(q_block(r), d, k_row, scale, out, TILE) };
+                unsafe { K::dot_tile(q_block(r), d, &k_rows[..n], scale, out) };
             }
         }
         // Online softmax update: rescale by the new maximum, turn scores into weights.
@@ -634,31 +651,8 @@ unsafe fn attend<K: Kernels>(set: &LaneSet<'_>, scratch: &mut Vec<f32>) {
             l[lane] += unsafe { K::exp_sum(s, new_m) };
         }
         // Weighted values: the tile's rows (widened once) into every lane's accumulator.
-        let mut v_rows: [&[f32]; TILE] = [&[]; TILE];
-        match step.v {
-            KvView::F32(c) => {
-                for (row, &off) in v_rows.iter_mut().zip(&offs[..n]) {
-                    *row = &c[off..off + d];
-                }
-            }
-            KvView::F16(c) => {
-                for (buf, &off) in tile_buf.chunks_exact_mut(d).zip(&offs[..n]) {
-                    // SAFETY: the caller guarantees `K`'s features.
-                    unsafe { K::f16_to_f32(&c[off..off + d], buf) };
-                }
-            }
-            KvView::Bf16(c) => {
-                for (buf, &off) in tile_buf.chunks_exact_mut(d).zip(&offs[..n]) {
-                    // SAFETY: the caller guarantees `K`'s features.
-                    unsafe { K::bf16_to_f32(&c[off..off + d], buf) };
-                }
-            }
-        }
-        if !matches!(step.v, KvView::F32(_)) {
-            for (row, buf) in v_rows.iter_mut().zip(tile_buf.chunks_exact(d)).take(n) {
-                *row = buf;
-            }
-        }
+        // SAFETY: the caller guarantees `K`'s features.
+        let v_rows = unsafe { tile_rows::<K>(step.v, &offs[..n], d, tile_buf) };
         // SAFETY: the caller guarantees `K`'s features.
         unsafe { K::axpy_tile(acc, d, scores, &v_rows[..n]) };
         p0 = p1;
@@ -890,6 +884,20 @@ mod x86 {
         }
     }
 
+    /// The four horizontal sums of `a`, as `[Σa0, Σa1, Σa2, Σa3]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    fn hsum4_512(a: [__m512; 4]) -> __m128 {
+        let fold = |x: __m512| {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
+            _mm256_add_ps(_mm512_castps512_ps256(x), hi)
+        };
+        let h01 = _mm256_hadd_ps(fold(a[0]), fold(a[1]));
+        let h23 = _mm256_hadd_ps(fold(a[2]), fold(a[3]));
+        let h = _mm256_hadd_ps(h01, h23);
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
+    }
+
     impl Kernels for Avx512 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         #[inline]
@@ -950,6 +958,57 @@ mod x86 {
                     2 => axpy512::<2>(a.add(j * d), d, w.add(j * stride), stride, v),
                     1 => axpy512::<1>(a.add(j * d), d, w.add(j * stride), stride, v),
                     _ => {}
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        #[inline]
+        unsafe fn dot_tile(q: &[f32], d: usize, k: &[&[f32]], scale: f32, out: &mut [f32]) {
+            let (lanes, n) = (q.len() / d, k.len());
+            if lanes == 0 || n == 0 {
+                return;
+            }
+            assert!(n <= TILE && out.len() >= (lanes - 1) * TILE + n);
+            assert!(k.iter().all(|r| r.len() >= d));
+            let mut rows = [std::ptr::null::<f32>(); TILE];
+            for (p, r) in rows.iter_mut().zip(k) {
+                *p = r.as_ptr();
+            }
+            // SAFETY: lane `l` reads `q[l*d..][..d]` and writes `out[l*TILE..][..n]`, rows
+            // hold `d` floats each (asserted above); masked loads touch only columns below `d`.
+            unsafe {
+                let sv = _mm_set1_ps(scale);
+                for l in 0..lanes {
+                    let (ql, o) = (q.as_ptr().add(l * d), out.as_mut_ptr().add(l * TILE));
+                    let mut j = 0;
+                    while j + 4 <= n {
+                        let r = &rows[j..j + 4];
+                        let mut acc = [_mm512_setzero_ps(); 4];
+                        let mut i = 0;
+                        while i < d {
+                            let mask: __mmask16 = ((1u32 << (d - i).min(16)) - 1) as __mmask16;
+                            let qv = _mm512_maskz_loadu_ps(mask, ql.add(i));
+                            for (a, &row) in acc.iter_mut().zip(r) {
+                                let kv = _mm512_maskz_loadu_ps(mask, row.add(i));
+                                *a = _mm512_fmadd_ps(qv, kv, *a);
+                            }
+                            i += 16;
+                        }
+                        _mm_storeu_ps(o.add(j), _mm_mul_ps(sv, hsum4_512(acc)));
+                        j += 4;
+                    }
+                    for (jj, &row) in rows.iter().enumerate().take(n).skip(j) {
+                        let mut a = _mm512_setzero_ps();
+                        let mut i = 0;
+                        while i < d {
+                            let mask: __mmask16 = ((1u32 << (d - i).min(16)) - 1) as __mmask16;
+                            let qv = _mm512_maskz_loadu_ps(mask, ql.add(i));
+                            a = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(mask, row.add(i)), a);
+                            i += 16;
+                        }
+                        *o.add(jj) = scale * _mm512_reduce_add_ps(a);
+                    }
                 }
             }
         }
@@ -1386,6 +1445,24 @@ mod tests {
                 // SAFETY: as above.
                 unsafe { K::axpy_group(&mut acc, d, &w, stride, n, &v) };
                 assert!(acc.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
+            }
+            // A tile of key rows against 1..=5 lanes.
+            for lanes in 1..=5 {
+                let rows: Vec<Vec<f32>> = (0..TILE - 1).map(|j| data(d, 20 + j as u32)).collect();
+                let views: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+                let q = data(lanes * d, 12);
+                let mut out = vec![0f32; lanes * TILE];
+                // SAFETY: as above.
+                unsafe { K::dot_tile(&q, d, &views, 0.5, &mut out) };
+                for l in 0..lanes {
+                    for (j, r) in rows.iter().enumerate() {
+                        let want: f32 = q[l * d..][..d].iter().zip(r).map(|(a, b)| a * b).sum();
+                        assert!(
+                            (out[l * TILE + j] - 0.5 * want).abs() < 1e-4,
+                            "dot_tile d {d}"
+                        );
+                    }
+                }
             }
             // A tile of value rows into 1..=5 lanes.
             for lanes in 1..=5 {
