@@ -1236,6 +1236,87 @@ mod x86 {
         }
     }
 
+    /// The four horizontal sums of `a`, as `[Σa0, Σa1, Σa2, Σa3]`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hsum4_256(a: [__m256; 4]) -> __m128 {
+        let h01 = _mm256_hadd_ps(a[0], a[1]);
+        let h23 = _mm256_hadd_ps(a[2], a[3]);
+        let h = _mm256_hadd_ps(h01, h23);
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
+    }
+
+    /// `acc_l[b..b + 8C] += Σ_j w[l * TILE + j] * rows[j][b..b + 8C]` for `L` lanes, the
+    /// accumulators held in registers across the rows.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile256<const L: usize, const C: usize>(
+        acc: *mut f32,
+        d: usize,
+        b: usize,
+        w: *const f32,
+        rows: &[*const f32],
+    ) {
+        // SAFETY (whole body): the caller passes `L` accumulator rows of `d` floats at `acc`,
+        // `L` weight rows of `TILE` at `w`, rows of `d` floats, and `b + 8 * C <= d`.
+        unsafe {
+            let mut accs = [[_mm256_setzero_ps(); C]; L];
+            for (l, a) in accs.iter_mut().enumerate() {
+                for (c, x) in a.iter_mut().enumerate() {
+                    *x = _mm256_loadu_ps(acc.add(l * d + b + 8 * c));
+                }
+            }
+            for (j, &row) in rows.iter().enumerate() {
+                let mut vs = [_mm256_setzero_ps(); C];
+                for (c, x) in vs.iter_mut().enumerate() {
+                    *x = _mm256_loadu_ps(row.add(b + 8 * c));
+                }
+                for (l, a) in accs.iter_mut().enumerate() {
+                    let wv = _mm256_set1_ps(*w.add(l * TILE + j));
+                    for (x, v) in a.iter_mut().zip(&vs) {
+                        *x = _mm256_fmadd_ps(wv, *v, *x);
+                    }
+                }
+            }
+            for (l, a) in accs.iter().enumerate() {
+                for (c, x) in a.iter().enumerate() {
+                    _mm256_storeu_ps(acc.add(l * d + b + 8 * c), *x);
+                }
+            }
+        }
+    }
+
+    /// [`tile256`] over all columns of `L` lanes: 16 at a time, then 8, then scalar.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile256_lanes<const L: usize>(
+        acc: *mut f32,
+        d: usize,
+        w: *const f32,
+        rows: &[*const f32],
+    ) {
+        // SAFETY: as for `tile256`, every block stays below `d`.
+        unsafe {
+            let mut b = 0;
+            while b + 16 <= d {
+                tile256::<L, 2>(acc, d, b, w, rows);
+                b += 16;
+            }
+            if b + 8 <= d {
+                tile256::<L, 1>(acc, d, b, w, rows);
+                b += 8;
+            }
+            for l in 0..L {
+                for (j, &row) in rows.iter().enumerate() {
+                    let wj = *w.add(l * TILE + j);
+                    for x in b..d {
+                        *acc.add(l * d + x) += wj * *row.add(x);
+                    }
+                }
+            }
+        }
+    }
+
     impl Kernels for Avx2 {
         #[target_feature(enable = "avx2,fma,f16c")]
         #[inline]
@@ -1295,6 +1376,85 @@ mod x86 {
                     3 => axpy256::<3>(a.add(j * d), d, w.add(j * stride), stride, v),
                     2 => axpy256::<2>(a.add(j * d), d, w.add(j * stride), stride, v),
                     1 => axpy256::<1>(a.add(j * d), d, w.add(j * stride), stride, v),
+                    _ => {}
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn dot_tile(q: &[f32], d: usize, k: &[&[f32]], scale: f32, out: &mut [f32]) {
+            let (lanes, n) = (q.len() / d, k.len());
+            if lanes == 0 || n == 0 {
+                return;
+            }
+            assert!(n <= TILE && out.len() >= (lanes - 1) * TILE + n);
+            assert!(k.iter().all(|r| r.len() >= d));
+            let mut rows = [std::ptr::null::<f32>(); TILE];
+            for (p, r) in rows.iter_mut().zip(k) {
+                *p = r.as_ptr();
+            }
+            // SAFETY: lane `l` reads `q[l*d..][..d]` and writes `out[l*TILE..][..n]`, rows
+            // hold `d` floats each (asserted above).
+            unsafe {
+                let full = d / 8 * 8;
+                for l in 0..lanes {
+                    let (ql, o) = (q.as_ptr().add(l * d), out.as_mut_ptr().add(l * TILE));
+                    let mut j = 0;
+                    while j + 4 <= n {
+                        let r = &rows[j..j + 4];
+                        let mut acc = [_mm256_setzero_ps(); 4];
+                        let mut i = 0;
+                        while i < full {
+                            let qv = _mm256_loadu_ps(ql.add(i));
+                            for (a, &row) in acc.iter_mut().zip(r) {
+                                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(row.add(i)), *a);
+                            }
+                            i += 8;
+                        }
+                        let mut sums = [0f32; 4];
+                        _mm_storeu_ps(sums.as_mut_ptr(), hsum4_256(acc));
+                        for (t, (sum, &row)) in sums.iter_mut().zip(r).enumerate() {
+                            for x in full..d {
+                                *sum += *ql.add(x) * *row.add(x);
+                            }
+                            *o.add(j + t) = scale * *sum;
+                        }
+                        j += 4;
+                    }
+                    for (jj, &row) in rows.iter().enumerate().take(n).skip(j) {
+                        dot256::<1>(ql, d, row, scale, o.add(jj), 1);
+                    }
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn axpy_tile(acc: &mut [f32], d: usize, w: &[f32], v: &[&[f32]]) {
+            let lanes = acc.len() / d;
+            if lanes == 0 || v.is_empty() {
+                return;
+            }
+            assert!(w.len() >= (lanes - 1) * TILE + v.len() && v.len() <= TILE);
+            assert!(v.iter().all(|r| r.len() >= d));
+            let mut rows = [std::ptr::null::<f32>(); TILE];
+            for (p, r) in rows.iter_mut().zip(v) {
+                *p = r.as_ptr();
+            }
+            let (a, w, rows) = (acc.as_mut_ptr(), w.as_ptr(), &rows[..v.len()]);
+            let mut j = 0;
+            // SAFETY: lanes `j..j + L` are inside `acc` and `w`, rows hold `d` floats each
+            // (asserted above).
+            unsafe {
+                while j + 4 <= lanes {
+                    tile256_lanes::<4>(a.add(j * d), d, w.add(j * TILE), rows);
+                    j += 4;
+                }
+                match lanes - j {
+                    3 => tile256_lanes::<3>(a.add(j * d), d, w.add(j * TILE), rows),
+                    2 => tile256_lanes::<2>(a.add(j * d), d, w.add(j * TILE), rows),
+                    1 => tile256_lanes::<1>(a.add(j * d), d, w.add(j * TILE), rows),
                     _ => {}
                 }
             }
