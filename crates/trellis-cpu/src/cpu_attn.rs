@@ -20,20 +20,34 @@
 //! keeping per query head a running maximum `m`, a running sum `l` and an unnormalised f32
 //! output; when a tile raises the maximum, the sum and the output are rescaled by
 //! `exp(m_old - m_new)`. The query heads of one GQA group (and, in prefill, a few query rows)
-//! form the *lanes* that share each key and value row: a row is fetched (and converted) once
-//! and used by every lane, lanes being at most [`MAX_LANES`] (or one row's group, if larger).
-//! Causality is per lane: a lane of the `i`-th new token sees `context_len - query_len + i + 1`
-//! positions.
+//! form the *lanes* that share each key and value row: a tile's rows are located once
+//! (walking the block table), widened once when the cache is f16/bf16, and used by every
+//! lane, lanes being at most [`MAX_LANES`] (or one row's group, if larger). Causality is per
+//! lane: a lane of the `i`-th new token sees `context_len - query_len + i + 1` positions; the
+//! weights of positions it does not see are zero.
+//!
+//! Per tile: scores `scale * q·k` for every lane and row (four key rows per pass with one
+//! four-way horizontal sum), then per lane the tile maximum, the rescale and `exp` (a
+//! vectorised polynomial, relative error about 2e-7), then the weighted value rows added
+//! into the lanes' accumulators (held in registers across the tile's rows).
 //!
 //! # SIMD and threads
 //!
-//! The inner products, the `y += w * x` updates and the f16/bf16 widening have AVX-512, AVX2
-//! (with FMA and F16C) and scalar versions, chosen at run time with
-//! [`trellis_kernels::cpu::isa`]; the binary itself assumes only SSE2. The work items are
+//! The kernels (scores, value accumulation, max, exp, f16/bf16 widening) have AVX-512
+//! (F/BW/VL), AVX2 (with FMA and F16C) and scalar versions, chosen at run time with
+//! [`trellis_kernels::cpu::isa`] (`TRELLIS_ISA=avx2|scalar` caps it for comparisons); the
+//! binary itself assumes only SSE2. Each version of the per-lane-set loop is compiled inside
+//! a `#[target_feature]` function so the kernels inline into it. The work items are
 //! (sequence, KV head, tile of up to [`ROW_TILE`] query rows), run on
-//! [`trellis_kernels::pool::global`]; every item writes a disjoint set of output rows. Each
-//! thread keeps its scratch (accumulators, scores, a widened row) in a thread-local vector, so
-//! a call allocates only its output (and the work-item list, whose capacity the layer keeps).
+//! [`trellis_kernels::pool::global`]; every item writes a disjoint set of output rows (the
+//! step is checked first: sequences may not overlap in the batch). Each thread keeps its
+//! scratch (accumulators, scores, a tile of widened rows) in a thread-local vector, so a call
+//! allocates only its output (the work-item list keeps its capacity in the layer).
+//!
+//! # Speed
+//!
+//! `cargo run -p trellis-cpu --example attn_bench` reports decode time per layer against
+//! `CPU_REFERENCE` for the default model's shape.
 
 use std::cell::RefCell;
 use std::sync::Arc;
