@@ -424,3 +424,97 @@ fn bad_inputs_are_errors_not_panics() -> Result<()> {
     assert!(layer.forward(&q, &kv16, &kv16, &good).is_ok());
     Ok(())
 }
+
+/// A token's output is bit-identical however the batch around it was split: one prefill of
+/// 70 tokens alone, or chunks of 23, 1 and 46 next to another sequence (the engine's
+/// batch-invariance tests rely on it).
+#[test]
+fn results_do_not_depend_on_how_the_batch_was_split() -> Result<()> {
+    let cpu = &Device::Cpu;
+    for (dtype, d) in [(DType::F32, 64), (DType::F16, 20), (DType::BF16, 80)] {
+        let (h, hkv, bs, len) = (6, 2, 16, 70);
+        let shape = AttentionShape {
+            num_heads: h,
+            num_kv_heads: hkv,
+            head_dim: d,
+            scale: 0.3,
+        };
+        let spec = KvCacheSpec {
+            num_blocks: 16,
+            block_size: bs,
+            num_kv_heads: hkv,
+            head_dim: d,
+            dtype,
+        };
+        let mut rng = Rng(11);
+        let (q, k, v) = (
+            rng.vec(len * h * d),
+            rng.vec(len * hkv * d),
+            rng.vec(len * hkv * d),
+        );
+        let other = (
+            rng.vec(9 * h * d),
+            rng.vec(9 * hkv * d),
+            rng.vec(9 * hkv * d),
+        );
+        let table: Vec<u32> = vec![3, 9, 1, 12, 5];
+        let run = |chunks: &[usize], with_other: bool| -> Result<Vec<f32>> {
+            let mut layer = CpuAttnBackend.new_layer(&spec, shape, cpu)?;
+            let mut out = Vec::new();
+            let mut done = 0;
+            for &n in chunks {
+                let mut meta = AttentionMetadata {
+                    block_size: bs,
+                    ..Default::default()
+                };
+                let (mut tq, mut tk, mut tv) = (vec![], vec![], vec![]);
+                if with_other {
+                    meta.seqs.push(SeqAttentionMetadata {
+                        query_start: 0,
+                        query_len: 9,
+                        context_len: 9,
+                        block_table: vec![14],
+                    });
+                    meta.slot_mapping.extend((0..9).map(|p| 14 * bs + p));
+                    tq.extend_from_slice(&other.0);
+                    tk.extend_from_slice(&other.1);
+                    tv.extend_from_slice(&other.2);
+                }
+                meta.seqs.push(SeqAttentionMetadata {
+                    query_start: meta.slot_mapping.len(),
+                    query_len: n,
+                    context_len: done + n,
+                    block_table: table.clone(),
+                });
+                for p in done..done + n {
+                    meta.slot_mapping.push(table[p / bs] as usize * bs + p % bs);
+                }
+                tq.extend_from_slice(&q[done * h * d..(done + n) * h * d]);
+                tk.extend_from_slice(&k[done * hkv * d..(done + n) * hkv * d]);
+                tv.extend_from_slice(&v[done * hkv * d..(done + n) * hkv * d]);
+                let t = meta.num_tokens();
+                let o = layer.forward(
+                    &Tensor::from_vec(tq, (t, h, d), cpu)?,
+                    &Tensor::from_vec(tk, (t, hkv, d), cpu)?,
+                    &Tensor::from_vec(tv, (t, hkv, d), cpu)?,
+                    &meta,
+                )?;
+                let o = o.flatten_all()?.to_vec1::<f32>()?;
+                let skip = if with_other { 9 * h * d } else { 0 };
+                out.extend_from_slice(&o[skip..]);
+                done += n;
+            }
+            Ok(out)
+        };
+        let whole = run(&[len], false)?;
+        let split = run(&[23, 1, 46], true)?;
+        assert!(
+            whole
+                .iter()
+                .zip(&split)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{dtype:?} d {d}: outputs depend on the split"
+        );
+    }
+    Ok(())
+}
