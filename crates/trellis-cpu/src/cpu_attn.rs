@@ -301,6 +301,7 @@ struct OutPtr(*mut f32);
 // overlap, and within a sequence every (query row, KV head) pair belongs to exactly one item);
 // the buffer outlives the parallel loop.
 unsafe impl Sync for OutPtr {}
+// SAFETY: as for `Sync`: the pointer is only a base address for disjoint writes.
 unsafe impl Send for OutPtr {}
 
 /// What every item of one call reads.
