@@ -39,7 +39,8 @@
 //! binary itself assumes only SSE2. Each version of the per-lane-set loop is compiled inside
 //! a `#[target_feature]` function so the kernels inline into it. The work items are
 //! (sequence, KV head, tile of up to [`ROW_TILE`] query rows), run on
-//! [`trellis_kernels::pool::global`]; every item writes a disjoint set of output rows (the
+//! [`trellis_kernels::pool::global`] (steps under [`SERIAL_WORK`] run on the calling
+//! thread); every item writes a disjoint set of output rows (the
 //! step is checked first: sequences may not overlap in the batch). Each thread keeps its
 //! scratch (accumulators, scores, a tile of widened rows) in a thread-local vector, so a call
 //! allocates only its output (the work-item list keeps its capacity in the layer).
@@ -68,6 +69,10 @@ pub const TILE: usize = 32;
 /// Most lanes (query head × query row pairs) that share one pass over the context, unless one
 /// row's GQA group alone is larger.
 pub const MAX_LANES: usize = 16;
+
+/// Multiply-adds (`query rows × context × heads × head size`, summed over the step) below
+/// which a step runs on the calling thread instead of the compute pool.
+pub const SERIAL_WORK: usize = 1 << 16;
 
 /// Most query rows in one work item: long prefills are split into tiles of this many rows.
 pub const ROW_TILE: usize = 32;
@@ -399,7 +404,7 @@ impl AttentionImpl for CpuAttnAttention {
         let isa = trellis_kernels::cpu::isa();
         let group = h / hkv;
         let rows_per_set = (MAX_LANES / group).max(1);
-        trellis_kernels::pool::global().run(items.len(), |i| {
+        let run_item = |i: usize| {
             let it = items[i];
             let seq = &metadata.seqs[it.seq];
             let mut r = 0;
@@ -415,7 +420,19 @@ impl AttentionImpl for CpuAttnAttention {
                 run_lane_set(isa, &set);
                 r += rows;
             }
-        });
+        };
+        // Steps too small to repay waking the pool's workers run on this thread.
+        let work: usize = metadata
+            .seqs
+            .iter()
+            .map(|s| s.query_len.saturating_mul(s.context_len))
+            .fold(0, usize::saturating_add)
+            .saturating_mul(h * d);
+        if work < SERIAL_WORK {
+            (0..items.len()).for_each(run_item);
+        } else {
+            trellis_kernels::pool::global().run(items.len(), run_item);
+        }
         self.items = items;
         Tensor::from_vec(out, (num_tokens, h, d), query.device())
     }
