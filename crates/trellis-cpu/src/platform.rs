@@ -1,5 +1,6 @@
 //! The built-in CPU platform (vLLM's `CpuPlatform`, spec §2.4): detects the ISA features,
-//! cores and memory of this host, prefers `CPU_REFERENCE`, and has the last word on the
+//! cores and memory of this host, prefers `CPU_ATTN` (then `CPU_REFERENCE`), and has the last
+//! word on the
 //! configuration (`VLLM_CPU_KVCACHE_SPACE`, block size advice).
 
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use candle_core::DType;
 use trellis_plugin::{AttentionBackendRegistry, Platform, PlatformConfig, PluginError};
 
+use crate::cpu_attn::cpu_attn_backend;
 use crate::reference::cpu_reference_backend;
 
 /// Name of the built-in CPU platform (and of its `VLLM_TARGET_DEVICE` value).
@@ -142,26 +144,33 @@ impl Platform for CpuPlatform {
     }
 
     /// vLLM's CPU rules that apply here: `VLLM_CPU_KVCACHE_SPACE` is honoured by the engine
-    /// config already (it sets `kv_cache_bytes`); any other compute or cache dtype falls back
-    /// to f32, with a warning. (vLLM's "block size not a multiple of 32" advice does not apply:
-    /// `CPU_REFERENCE` has no kernel block size.)
+    /// config already (it sets `kv_cache_bytes`); any compute dtype but f32, and any cache
+    /// dtype but f32, f16 and bf16 (what `CPU_ATTN` stores), falls back to f32, with a warning.
+    /// (vLLM's "block size not a multiple of 32" advice does not apply: neither CPU backend
+    /// has a kernel block size.)
     fn check_and_update_config(&self, config: &mut PlatformConfig) -> Result<(), PluginError> {
-        for (what, dtype) in [
-            ("dtype", &mut config.dtype),
-            ("kv_cache_dtype", &mut config.kv_cache_dtype),
-        ] {
-            if *dtype != DType::F32 {
-                config.warnings.push(format!(
-                    "{what} {dtype:?} is not supported on CPU; using F32"
-                ));
-                *dtype = DType::F32;
-            }
+        if config.dtype != DType::F32 {
+            config.warnings.push(format!(
+                "dtype {:?} is not supported on CPU; using F32",
+                config.dtype
+            ));
+            config.dtype = DType::F32;
+        }
+        if !matches!(config.kv_cache_dtype, DType::F32 | DType::F16 | DType::BF16) {
+            config.warnings.push(format!(
+                "kv_cache_dtype {:?} is not supported on CPU; using F32",
+                config.kv_cache_dtype
+            ));
+            config.kv_cache_dtype = DType::F32;
         }
         Ok(())
     }
 
     fn attention_backend_priority(&self) -> Vec<String> {
-        vec![crate::reference::CPU_REFERENCE.to_string()]
+        vec![
+            crate::cpu_attn::CPU_ATTN.to_string(),
+            crate::reference::CPU_REFERENCE.to_string(),
+        ]
     }
 
     fn describe(&self) -> String {
@@ -185,10 +194,11 @@ pub fn cpu_platform() -> Arc<dyn Platform> {
     Arc::new(CpuPlatform::new())
 }
 
-/// Registers the CPU attention backends (`CPU_REFERENCE`) into `registry`.
+/// Registers the CPU attention backends (`CPU_ATTN`, `CPU_REFERENCE`) into `registry`.
 pub fn register_cpu_attention_backends(
     registry: &mut AttentionBackendRegistry,
 ) -> Result<(), PluginError> {
+    registry.register_backend(crate::cpu_attn::CPU_ATTN, cpu_attn_backend())?;
     registry.register_backend(crate::reference::CPU_REFERENCE, cpu_reference_backend())
 }
 
@@ -223,7 +233,7 @@ mod tests {
     }
 
     #[test]
-    fn cpu_prefers_cpu_reference_and_selects_it() {
+    fn cpu_prefers_cpu_attn_and_selects_it() {
         let p = CpuPlatform::new();
         let mut reg = AttentionBackendRegistry::new();
         assert!(register_cpu_attention_backends(&mut reg).is_ok());
@@ -236,7 +246,21 @@ mod tests {
             block_size: Some(16),
         };
         let s = p.get_attn_backend(None, &cfg, &reg).map(|s| s.name);
-        assert_eq!(s.ok().as_deref(), Some("CPU_REFERENCE"));
+        assert_eq!(s.ok().as_deref(), Some("CPU_ATTN"));
+        // Chosen by name, CPU_REFERENCE is still there.
+        let s = p.get_attn_backend(Some("CPU_REFERENCE"), &cfg, &reg);
+        assert_eq!(s.ok().map(|s| s.name).as_deref(), Some("CPU_REFERENCE"));
+        // An f16 cache: only CPU_ATTN stores it; CPU_REFERENCE by name is refused.
+        let f16 = trellis_plugin::AttentionSelectorConfig {
+            kv_cache_dtype: DType::F16,
+            ..cfg
+        };
+        let s = p.get_attn_backend(None, &f16, &reg).map(|s| s.name);
+        assert_eq!(s.ok().as_deref(), Some("CPU_ATTN"));
+        assert!(
+            p.get_attn_backend(Some("CPU_REFERENCE"), &f16, &reg)
+                .is_err()
+        );
     }
 
     #[test]
@@ -257,5 +281,13 @@ mod tests {
         assert!(p.check_and_update_config(&mut cfg).is_ok());
         assert_eq!(cfg.dtype, DType::F32);
         assert_eq!(cfg.warnings.len(), 1);
+        // f16 and bf16 caches are kept (CPU_ATTN stores them); others fall back to f32.
+        cfg.kv_cache_dtype = DType::BF16;
+        assert!(p.check_and_update_config(&mut cfg).is_ok());
+        assert_eq!(cfg.kv_cache_dtype, DType::BF16);
+        cfg.kv_cache_dtype = DType::U8;
+        assert!(p.check_and_update_config(&mut cfg).is_ok());
+        assert_eq!(cfg.kv_cache_dtype, DType::F32);
+        assert_eq!(cfg.warnings.len(), 2);
     }
 }

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use candle_core::DType;
+
 use trellis_sched::SchedulingPolicy;
 
 /// Who drives the engine: it picks vLLM's CPU defaults for the step budget.
@@ -26,6 +28,10 @@ pub struct EngineConfig {
     pub max_model_len: Option<usize>,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// Element type of the KV cache (`--kv-cache-dtype`); `None` is vLLM's `auto`: the model's
+    /// dtype (f32 on the CPU). Memory accounting uses its size, so f16/bf16 fit twice the
+    /// blocks of f32 in the same budget.
+    pub kv_cache_dtype: Option<DType>,
     /// KV-cache budget in bytes (`--kv-cache-memory`); defaults to `VLLM_CPU_KVCACHE_SPACE`
     /// GiB, else 4 GiB.
     pub kv_cache_memory: Option<usize>,
@@ -56,6 +62,24 @@ pub struct EngineConfig {
     pub disable_log_stats: bool,
 }
 
+/// The values `--kv-cache-dtype` accepts (vLLM's names).
+pub const KV_CACHE_DTYPES: &[&str] = &["auto", "float16", "bfloat16"];
+
+/// Parses a `--kv-cache-dtype` value: `auto` (the model's dtype) is `None`; `float16` (or
+/// `half`, `fp16`) and `bfloat16` (or `bf16`) are the 16-bit caches; `float32` is accepted too.
+pub fn parse_kv_cache_dtype(value: &str) -> Result<Option<DType>, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(None),
+        "float16" | "half" | "fp16" => Ok(Some(DType::F16)),
+        "bfloat16" | "bf16" => Ok(Some(DType::BF16)),
+        "float32" | "float" | "fp32" => Ok(Some(DType::F32)),
+        _ => Err(format!(
+            "unsupported KV cache dtype '{value}', expected one of: {}",
+            KV_CACHE_DTYPES.join(", ")
+        )),
+    }
+}
+
 impl EngineConfig {
     /// Defaults for a model path.
     pub fn new(model: impl Into<PathBuf>) -> Self {
@@ -63,6 +87,7 @@ impl EngineConfig {
             model: model.into(),
             max_model_len: None,
             block_size: 16,
+            kv_cache_dtype: None,
             kv_cache_memory: None,
             num_kv_blocks: None,
             max_num_seqs: None,
@@ -94,5 +119,22 @@ impl EngineConfig {
             }
             _ => Ok(DEFAULT_KV_CACHE_BYTES),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_cache_dtype_values() {
+        assert_eq!(parse_kv_cache_dtype("auto"), Ok(None));
+        assert_eq!(parse_kv_cache_dtype("float16"), Ok(Some(DType::F16)));
+        assert_eq!(parse_kv_cache_dtype("BFloat16"), Ok(Some(DType::BF16)));
+        let e = parse_kv_cache_dtype("fp8").err().unwrap_or_default();
+        assert_eq!(
+            e,
+            "unsupported KV cache dtype 'fp8', expected one of: auto, float16, bfloat16"
+        );
     }
 }

@@ -106,8 +106,13 @@ impl LLMEngine {
         if block_size == 0 {
             return Err(EngineError::Config("block_size must be at least 1".into()));
         }
-        let bytes_per_block =
-            2 * model_cfg.num_layers * block_size * model_cfg.num_kv_heads * model_cfg.head_dim * 4;
+        let kv_cache_dtype = pc.kv_cache_dtype;
+        let bytes_per_block = 2
+            * model_cfg.num_layers
+            * block_size
+            * model_cfg.num_kv_heads
+            * model_cfg.head_dim
+            * kv_cache_dtype.size_in_bytes();
         let num_blocks = match config.num_kv_blocks {
             Some(n) => n,
             None => pc.kv_cache_bytes / bytes_per_block.max(1),
@@ -137,6 +142,7 @@ impl LLMEngine {
             backend.as_ref(),
             num_blocks,
             block_size,
+            kv_cache_dtype,
             &device,
         )?;
         let tokenizer = Arc::new(tokenizer);

@@ -56,12 +56,14 @@ pub struct ModelRunner {
 }
 
 impl ModelRunner {
-    /// Allocates the KV cache (`num_blocks` blocks per layer) through `backend`.
+    /// Allocates the KV cache (`num_blocks` blocks per layer, elements of `kv_cache_dtype`)
+    /// through `backend`.
     pub fn new(
         model: Box<dyn Model>,
         backend: &dyn AttentionBackend,
         num_blocks: usize,
         block_size: usize,
+        kv_cache_dtype: candle_core::DType,
         device: &Device,
     ) -> Result<Self, EngineError> {
         let c = model.config().clone();
@@ -70,7 +72,7 @@ impl ModelRunner {
             block_size,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
-            dtype: candle_core::DType::F32,
+            dtype: kv_cache_dtype,
         };
         let shape = AttentionShape {
             num_heads: c.num_heads,

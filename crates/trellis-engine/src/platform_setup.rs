@@ -92,7 +92,8 @@ pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Se
         kv_cache_bytes: config.kv_cache_bytes().map_err(EngineError::Config)?,
         attention_backend: requested,
         dtype: DType::F32,
-        kv_cache_dtype: DType::F32,
+        // `auto`: the model's dtype.
+        kv_cache_dtype: config.kv_cache_dtype.unwrap_or(DType::F32),
         max_num_seqs: config.max_num_seqs,
         max_num_batched_tokens: config.max_num_batched_tokens,
         max_model_len: config.max_model_len,

@@ -16,7 +16,10 @@ fn llm(config: impl FnOnce(&mut EngineConfig)) -> LLM {
 
 #[test]
 fn greedy_output_equals_llama_cpp_token_for_token() {
-    let mut llm = llm(|_| {});
+    // CPU_REFERENCE sums in plain order like llama.cpp's CPU path; CPU_ATTN (the CPU default)
+    // agrees with it to ~1e-6 but, at near-ties such as the digits of a number, may pick the
+    // other token, so token-for-token parity with llama.cpp is checked on the oracle.
+    let mut llm = llm(|c| c.attention_backend = Some("CPU_REFERENCE".into()));
     let cases = golden();
     let prompts: Vec<Prompt> = cases
         .iter()

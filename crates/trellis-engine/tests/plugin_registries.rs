@@ -1,6 +1,7 @@
 //! The engine built from registries that "plugins" added to (spec §2.6, §3.6, §4.5 where
 //! they apply): an out-of-tree platform wins and chooses its backend, a new attention backend
-//! is chosen by name and matches CPU_REFERENCE, unknown or unfit choices fail with vLLM's
+//! is chosen by name and matches the built-in choice, CPU_ATTN (vLLM's name) is the CPU's
+//! default and the only one for 16-bit KV caches, unknown or unfit choices fail with vLLM's
 //! texts, and a lazily registered model factory runs only when its architecture is loaded.
 
 mod common;
@@ -94,10 +95,42 @@ fn engine_err(config: EngineConfig, regs: &Registries) -> String {
 }
 
 #[test]
-fn builtins_run_on_cpu_with_cpu_reference() {
+fn builtins_run_on_cpu_with_cpu_attn() {
     let engine = LLMEngine::with_registries(config(), &builtin_registries()).expect("loads");
     assert_eq!(engine.config().platform, "cpu");
-    assert_eq!(engine.config().attention_backend, "CPU_REFERENCE");
+    assert_eq!(engine.config().attention_backend, "CPU_ATTN");
+}
+
+#[test]
+fn cpu_attn_by_vllm_name_and_16_bit_kv_caches() {
+    let regs = builtin_registries();
+    let mut c = config();
+    c.attention_backend = Some("CPU_ATTN".into());
+    let mut llm = LLM::with_registries(c, &regs).expect("loads");
+    assert_eq!(llm.engine().config().attention_backend, "CPU_ATTN");
+    let f32_tokens = greedy_tokens(&mut llm);
+
+    // float16: CPU_REFERENCE stores only f32, so auto picks CPU_ATTN; by name it is refused.
+    let mut c = config();
+    c.kv_cache_dtype = Some(candle_core::DType::F16);
+    let mut llm = LLM::with_registries(c.clone(), &regs).expect("loads");
+    assert_eq!(llm.engine().config().attention_backend, "CPU_ATTN");
+    assert_eq!(greedy_tokens(&mut llm).len(), f32_tokens.len());
+    c.attention_backend = Some("CPU_REFERENCE".into());
+    assert!(engine_err(c, &regs).contains("kv_cache_dtype not supported"));
+
+    // Memory accounting: a 16-bit cache fits twice the blocks of an f32 one.
+    let blocks = |dtype| {
+        let mut c = config();
+        c.num_kv_blocks = None;
+        c.kv_cache_memory = Some(8 << 20);
+        c.kv_cache_dtype = dtype;
+        let engine = LLMEngine::with_registries(c, &regs).expect("loads");
+        engine.config().scheduler.num_blocks
+    };
+    let (f32_blocks, bf16_blocks) = (blocks(None), blocks(Some(candle_core::DType::BF16)));
+    assert!(f32_blocks > 0);
+    assert_eq!(bf16_blocks, 2 * f32_blocks);
 }
 
 #[test]
@@ -105,7 +138,9 @@ fn new_backend_chosen_by_name_matches_cpu_reference_and_oot_platform_wins() {
     let mut regs = builtin_registries();
     regs.register_attention_backend("my_attn", Arc::new(Renamed))
         .expect("registers");
-    let want = greedy_tokens(&mut LLM::with_registries(config(), &regs).expect("loads"));
+    let mut reference = config();
+    reference.attention_backend = Some("CPU_REFERENCE".into());
+    let want = greedy_tokens(&mut LLM::with_registries(reference, &regs).expect("loads"));
 
     let mut c = config();
     c.attention_backend = Some("My_Attn".into());
@@ -139,7 +174,8 @@ fn unknown_custom_and_unfit_choices_fail_with_vllm_texts() {
     };
     assert_eq!(
         engine_err(with("INVALID"), &regs),
-        "Unknown attention backend: 'INVALID'. Valid options are: CUSTOM, CPU_REFERENCE, ONLY_128"
+        "Unknown attention backend: 'INVALID'. Valid options are: CUSTOM, CPU_ATTN, CPU_REFERENCE, \
+         ONLY_128"
     );
     assert!(
         engine_err(with("custom"), &regs)
@@ -150,9 +186,9 @@ fn unknown_custom_and_unfit_choices_fail_with_vllm_texts() {
         "Selected backend ONLY_128 is not valid for this configuration. \
          Reason: ['head_size not supported']"
     );
-    // `auto` on the CPU never picks it: CPU_REFERENCE heads the CPU's priority list.
+    // `auto` on the CPU never picks it: CPU_ATTN heads the CPU's priority list.
     let engine = LLMEngine::with_registries(with("AUTO"), &regs).expect("loads");
-    assert_eq!(engine.config().attention_backend, "CPU_REFERENCE");
+    assert_eq!(engine.config().attention_backend, "CPU_ATTN");
 }
 
 #[test]

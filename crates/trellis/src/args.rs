@@ -75,6 +75,12 @@ pub struct EngineArgs {
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
+    /// KV-cache element type: auto (the model's dtype, float32 on the CPU), float16 or bfloat16.
+    /// A 16-bit cache holds twice the blocks in the same memory; CPU_REFERENCE stores only
+    /// float32, so auto-selection picks CPU_ATTN.
+    #[arg(long, value_name = "auto|float16|bfloat16", default_value = "auto",
+          value_parser = parse_kv_cache_dtype_flag)]
+    pub kv_cache_dtype: String,
     /// KV-cache size in bytes (suffixes K, M, G accepted, e.g. 2G). Default:
     /// VLLM_CPU_KVCACHE_SPACE GiB, else 4 GiB.
     #[arg(long, value_parser = parse_bytes)]
@@ -270,6 +276,11 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
     Ok((v * mult as f64) as usize)
 }
 
+/// `--kv-cache-dtype`, checked when the flags are parsed (the value is kept as written).
+fn parse_kv_cache_dtype_flag(value: &str) -> Result<String, String> {
+    trellis_engine::parse_kv_cache_dtype(value).map(|_| value.to_string())
+}
+
 /// The default model: `models/SmolLM2-135M-Instruct.Q4_1.gguf` in the current directory or in
 /// the repository this binary was built from.
 pub fn default_model() -> Result<PathBuf> {
@@ -298,6 +309,8 @@ impl EngineArgs {
         c.max_num_batched_tokens = self.max_num_batched_tokens;
         c.block_size = self.block_size;
         c.kv_cache_memory = self.kv_cache_memory;
+        c.kv_cache_dtype = trellis_engine::parse_kv_cache_dtype(&self.kv_cache_dtype)
+            .map_err(anyhow::Error::msg)?;
         c.enable_prefix_caching = !self.no_enable_prefix_caching;
         c.seed = self.seed;
         c.attention_backend = self.attention_backend.clone();

@@ -1,0 +1,143 @@
+//! Decode attention time per layer, `CPU_ATTN` vs `CPU_REFERENCE`, for the default model's
+//! shape (SmolLM2-135M: 9 query heads, 3 KV heads, head size 64, block size 16).
+//!
+//! ```text
+//! cargo run -p trellis-cpu --example attn_bench            # the ISA this CPU has
+//! TRELLIS_ISA=avx2 cargo run -p trellis-cpu --example attn_bench
+//! ```
+//!
+//! For each context depth (tokens already cached: 0, 512, 4096) the cache is filled by one
+//! prefill, then a decode step of `batch` sequences (each sharing that prefix and writing its
+//! own next slot) is timed over repeated calls. Numbers are a report, not a test.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor};
+use trellis_cpu::{CpuAttnBackend, CpuReferenceBackend};
+use trellis_plugin::{
+    AttentionBackend, AttentionImpl, AttentionMetadata, AttentionShape, KvCacheSpec,
+    SeqAttentionMetadata,
+};
+
+const H: usize = 9;
+const HKV: usize = 3;
+const D: usize = 64;
+const BS: usize = 16;
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn inputs(tokens: usize, seed: u64) -> Result<(Tensor, Tensor, Tensor)> {
+    let cpu = &Device::Cpu;
+    Ok((
+        Tensor::from_vec(data(tokens * H * D, seed), (tokens, H, D), cpu)?,
+        Tensor::from_vec(data(tokens * HKV * D, seed + 1), (tokens, HKV, D), cpu)?,
+        Tensor::from_vec(data(tokens * HKV * D, seed + 2), (tokens, HKV, D), cpu)?,
+    ))
+}
+
+/// Mean microseconds of one decode call of `batch` sequences at `depth` cached tokens.
+fn decode_us(layer: &mut dyn AttentionImpl, depth: usize, batch: usize) -> Result<f64> {
+    let prefix: Vec<u32> = (0..(depth / BS) as u32).collect();
+    let mut meta = AttentionMetadata {
+        block_size: BS,
+        ..Default::default()
+    };
+    for i in 0..batch {
+        let own = (depth / BS + i) as u32;
+        let mut table = prefix.clone();
+        table.push(own);
+        meta.slot_mapping.push(own as usize * BS);
+        meta.seqs.push(SeqAttentionMetadata {
+            query_start: i,
+            query_len: 1,
+            context_len: depth + 1,
+            block_table: table,
+        });
+    }
+    let (q, k, v) = inputs(batch, 99)?;
+    for _ in 0..5 {
+        layer.forward(&q, &k, &v, &meta)?;
+    }
+    let start = Instant::now();
+    let mut iters = 0u32;
+    while iters < 20 || (start.elapsed().as_secs_f64() < 0.5 && iters < 5000) {
+        layer.forward(&q, &k, &v, &meta)?;
+        iters += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() * 1e6 / iters as f64)
+}
+
+fn main() -> Result<()> {
+    let shape = AttentionShape {
+        num_heads: H,
+        num_kv_heads: HKV,
+        head_dim: D,
+        scale: 1.0 / (D as f32).sqrt(),
+    };
+    let batches = [1, 8];
+    println!(
+        "decode attention per layer: {H} heads, {HKV} KV heads, head size {D}, block {BS}; \
+         isa {}, {} threads",
+        trellis_kernels::cpu::isa().name(),
+        trellis_kernels::pool::global().threads()
+    );
+    println!("depth  batch  backend         kv dtype  us/call");
+    for depth in [0usize, 512, 4096] {
+        let backends: [(&dyn AttentionBackend, DType); 4] = [
+            (&CpuReferenceBackend, DType::F32),
+            (&CpuAttnBackend, DType::F32),
+            (&CpuAttnBackend, DType::F16),
+            (&CpuAttnBackend, DType::BF16),
+        ];
+        for (backend, dtype) in backends {
+            let spec = KvCacheSpec {
+                num_blocks: depth / BS + batches[1] + 1,
+                block_size: BS,
+                num_kv_heads: HKV,
+                head_dim: D,
+                dtype,
+            };
+            let mut layer = backend.new_layer(&spec, shape, &Device::Cpu)?;
+            if depth > 0 {
+                let (q, k, v) = inputs(depth, 7)?;
+                let meta = AttentionMetadata {
+                    block_size: BS,
+                    slot_mapping: (0..depth).collect(),
+                    seqs: vec![SeqAttentionMetadata {
+                        query_start: 0,
+                        query_len: depth,
+                        context_len: depth,
+                        block_table: (0..(depth / BS) as u32).collect(),
+                    }],
+                };
+                let t = Instant::now();
+                layer.forward(&q, &k, &v, &meta)?;
+                println!(
+                    "{depth:>5}  prefill {:<15} {:<9?} {:.0} (prefill of {depth})",
+                    backend.name(),
+                    dtype,
+                    t.elapsed().as_secs_f64() * 1e6
+                );
+            }
+            for batch in batches {
+                let us = decode_us(layer.as_mut(), depth, batch)?;
+                println!(
+                    "{depth:>5}  {batch:>5}  {:<15} {:<9?} {us:.1}",
+                    backend.name(),
+                    dtype
+                );
+            }
+        }
+    }
+    Ok(())
+}
