@@ -450,7 +450,7 @@ fn run_lane_set(isa: Isa, set: &LaneSet<'_>) {
         #[cfg(target_arch = "x86_64")]
         match isa {
             // SAFETY: `isa()` reported AVX-512 F/BW/VL on this CPU.
-            Isa::Avx512Vnni => unsafe { x86::attend_avx512(set, &mut scratch) },
+            Isa::Avx512Vnni | Isa::Amx => unsafe { x86::attend_avx512(set, &mut scratch) },
             // SAFETY: `isa()` reported AVX2, FMA and F16C on this CPU.
             Isa::Avx2 => unsafe { x86::attend_avx2(set, &mut scratch) },
             // SAFETY: the scalar kernels need no CPU feature.
