@@ -134,6 +134,10 @@ for f in avx2 avx512f avx512_vnni avx_vnni amx_int8; do
     fi
 done
 echo "Machine: $cpu_model; nproc $(nproc); flags:${flags:- none}; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+if "$PY" -c 'import os,sys; sys.exit(0 if os.getloadavg()[0] > 0.5 * os.cpu_count() else 1)'; then
+    echo "warning: the machine is busy (load average above half the cores): figures will be noisy," \
+        "and llama.cpp's spinning threads suffer more than most from sharing cores" >&2
+fi
 echo "Model: $MODEL; threads $THREADS; runs $RUNS (alternated); logs in $LOGS"
 echo "llama.cpp: $LLAMA_BENCH (llama-cpp-python $LLAMA_CPP_PY_VERSION sdist); Trellis: $TRELLIS"
 
@@ -333,6 +337,8 @@ else
 fi
 row "serving output tok/s, 8 streams" "$(median "${L_SRV[@]}")" "$(median "${T_SRV[@]}")"
 row "serving TTFT p50 ms (lower is better)" "$(median "${L_TTFT[@]}")" "$(median "${T_TTFT[@]}")"
+
+echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # Trellis' own view of the hardware, from its last decode and prefill runs.
 echo

@@ -246,8 +246,15 @@ pub fn latency(args: LatencyArgs) -> Result<()> {
             &cost,
             (args.batch_size * args.input_len) as f64 / prefill_mean.max(1e-9),
         );
-        let steps_per_s = if step_mean > 0.0 { 1.0 / step_mean } else { 0.0 };
-        println!("{}", machine.bandwidth_line(&cost, steps_per_s, "in decode"));
+        let steps_per_s = if step_mean > 0.0 {
+            1.0 / step_mean
+        } else {
+            0.0
+        };
+        println!(
+            "{}",
+            machine.bandwidth_line(&cost, steps_per_s, "in decode")
+        );
         let parts = [("decode", decode_ops), ("prefill", prefill_ops)];
         println!("{}", machine::ops_line(&machine, &parts));
         result["achieved"] = achieved_json(&machine, &cost, steps_per_s, &parts);

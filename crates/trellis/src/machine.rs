@@ -49,7 +49,11 @@ pub fn model_cost(path: &Path) -> Result<ModelCost> {
                 cost.params += c.params;
             }
         }
-        anyhow::ensure!(cost.params > 0, "no safetensors files in {}", path.display());
+        anyhow::ensure!(
+            cost.params > 0,
+            "no safetensors files in {}",
+            path.display()
+        );
         return Ok(cost);
     }
     let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
@@ -73,7 +77,11 @@ fn safetensors_cost(path: &Path) -> Result<ModelCost> {
     let mut n = [0u8; 8];
     f.read_exact(&mut n)?;
     let n = u64::from_le_bytes(n);
-    anyhow::ensure!(n < 100 << 20, "safetensors header too large in {}", path.display());
+    anyhow::ensure!(
+        n < 100 << 20,
+        "safetensors header too large in {}",
+        path.display()
+    );
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)?;
     let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)?;
