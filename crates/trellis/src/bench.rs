@@ -117,7 +117,7 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
         let ops = Machine::ops(&cost, (prompt_tokens + output_tokens) as f64 / elapsed);
         println!(
             "{}",
-            machine.bandwidth_line(&cost, steps_per_s, &format!("({steps} steps)"))
+            machine.bandwidth_line(&cost, steps_per_s, &format!("over {steps} steps"))
         );
         println!("{}", machine::ops_line(&machine, &[("all tokens", ops)]));
         result["achieved"] = achieved_json(&machine, &cost, steps_per_s, &[("all_tokens", ops)]);
