@@ -110,8 +110,10 @@ else
     cargo build --release -p trellis >"$LOGS/trellis-build.log" 2>&1 \
         || die "cargo build failed (log: $LOGS/trellis-build.log)"
     TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-    TRELLIS="$TARGET_DIR/release/trellis"
-    [[ -x "$TRELLIS" ]] || die "no binary at $TRELLIS"
+    [[ -x "$TARGET_DIR/release/trellis" ]] || die "no binary at $TARGET_DIR/release/trellis"
+    # A copy: another build sharing the target directory cannot swap it during the runs.
+    TRELLIS="$CACHE/trellis"
+    cp -f "$TARGET_DIR/release/trellis" "$TRELLIS"
 fi
 
 if [[ -z "${MODEL:-}" ]]; then
