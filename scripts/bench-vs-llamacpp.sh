@@ -212,15 +212,19 @@ wait_ready() {
     die "the server at $url did not become ready in 120 s (log: $log)"
 }
 
-# bench_serve TAG RUN URL: the same client (trellis bench serve) for both servers; prints
-# "output_tok_per_s p50_ttft_ms".
+# bench_serve TAG RUN URL SERVER_PID SERVER_LOG: the same client (trellis bench serve) for both
+# servers; prints "output_tok_per_s p50_ttft_ms".
 bench_serve() {
-    local tag="$1" run="$2" url="$3"
+    local tag="$1" run="$2" url="$3" pid="$4" slog="$5"
     local out="$RES/$tag-$run.json"
-    "$TRELLIS" bench serve --base-url "$url" --num-prompts "$SERVE_PROMPTS" --input-len "$SERVE_IN" \
+    if ! "$TRELLIS" bench serve --base-url "$url" --num-prompts "$SERVE_PROMPTS" --input-len "$SERVE_IN" \
         --output-len "$SERVE_OUT" --max-concurrency "$SERVE_CONC" --seed "$run" \
-        --output-json "$out" >"$LOGS/$tag-$run.log" 2>&1 \
-        || die "trellis bench serve against $url failed (log: $LOGS/$tag-$run.log)"
+        --output-json "$out" >"$LOGS/$tag-$run.log" 2>&1; then
+        if ! kill -0 "$pid" 2>/dev/null; then
+            die "the server at $url exited during the load (server log: $slog; client log: $LOGS/$tag-$run.log)"
+        fi
+        die "trellis bench serve against $url failed (log: $LOGS/$tag-$run.log; server log: $slog)"
+    fi
     local got
     got="$(json_get "$out" 'j["total_output_tokens"]')"
     if [[ "$got" != "$((SERVE_PROMPTS * SERVE_OUT))" ]]; then
@@ -295,12 +299,12 @@ done
 
 for run in $(seq 1 "$RUNS"); do
     say "serving, $SERVE_CONC streams, $SERVE_PROMPTS requests x $SERVE_IN in / $SERVE_OUT out: run $run/$RUNS"
-    r="$(bench_serve llamacpp-serve "$run" "http://127.0.0.1:$LPORT")"
+    r="$(bench_serve llamacpp-serve "$run" "http://127.0.0.1:$LPORT" "$LPID" "$LOGS/llama-server.log")"
     read -r tp ttft <<<"$r"
     L_SRV+=("$tp")
     L_TTFT+=("$ttft")
     echo "    llama-server  $(fmt "$tp") output tok/s, TTFT p50 $(fmt "$ttft") ms"
-    r="$(bench_serve trellis-serve "$run" "http://127.0.0.1:$TPORT")"
+    r="$(bench_serve trellis-serve "$run" "http://127.0.0.1:$TPORT" "$TPID" "$LOGS/trellis-serve.log")"
     read -r tp ttft <<<"$r"
     T_SRV+=("$tp")
     T_TTFT+=("$ttft")
