@@ -200,10 +200,17 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# alive PID: the process runs (an exited child not yet reaped is a zombie, which kill -0 accepts).
+alive() {
+    local st
+    st="$(ps -o stat= -p "$1" 2>/dev/null || true)"
+    [[ -n "$st" && "$st" != Z* ]]
+}
+
 wait_ready() {
     local url="$1" pid="$2" log="$3"
     for _ in $(seq 1 600); do
-        kill -0 "$pid" 2>/dev/null || die "the server exited while starting (log: $log)"
+        alive "$pid" || die "the server exited while starting (log: $log)"
         if curl -sf "$url/v1/models" >/dev/null 2>&1 && curl -sf "$url/health" >/dev/null 2>&1; then
             return
         fi
@@ -220,7 +227,7 @@ bench_serve() {
     if ! "$TRELLIS" bench serve --base-url "$url" --num-prompts "$SERVE_PROMPTS" --input-len "$SERVE_IN" \
         --output-len "$SERVE_OUT" --max-concurrency "$SERVE_CONC" --seed "$run" \
         --output-json "$out" >"$LOGS/$tag-$run.log" 2>&1; then
-        if ! kill -0 "$pid" 2>/dev/null; then
+        if ! alive "$pid"; then
             die "the server at $url exited during the load (server log: $slog; client log: $LOGS/$tag-$run.log)"
         fi
         die "trellis bench serve against $url failed (log: $LOGS/$tag-$run.log; server log: $slog)"
