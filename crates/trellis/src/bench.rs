@@ -8,6 +8,29 @@ use trellis_engine::sampler::Generator;
 use trellis_engine::{LLM, LLMEngine, Prompt, SamplingParams};
 
 use crate::args::{LatencyArgs, ThroughputArgs};
+use crate::machine::{self, Machine, ModelCost};
+
+/// The machine's figures (measured now, before the model loads) and the model's cost per
+/// token; `None` for the cost when the weights cannot be read for it (the bench still runs).
+fn probe(model: &Path) -> (Machine, Option<ModelCost>) {
+    let m = Machine::probe();
+    println!(
+        "Machine: {} threads ({}), {:.1} GB/s streaming read over {} MiB, nominal int8 peak {:.0} Gop/s",
+        m.threads,
+        trellis_kernels::cpu::feature_summary(),
+        m.read_bytes_per_s / 1e9,
+        m.buffer_bytes >> 20,
+        m.int8_ops_per_s / 1e9,
+    );
+    let cost = match machine::model_cost(model) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("note: no bandwidth/ops figures: {e:#}");
+            None
+        }
+    };
+    (m, cost)
+}
 
 /// Random prompts of `len` token ids (vLLM's random dataset), reproducible from `seed`.
 fn random_prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Prompt> {
@@ -44,12 +67,23 @@ fn write_json(path: Option<&Path>, value: &serde_json::Value) -> Result<()> {
 
 pub fn throughput(args: ThroughputArgs) -> Result<()> {
     let config = args.engine.to_config()?;
+    let (machine, cost) = probe(&config.model);
     let mut llm = LLM::with_registries(config, &crate::platforms::engine_registries()?)?;
-    let vocab = llm.engine().config().model.vocab_size;
+    let engine = llm.engine();
+    let vocab = engine.config().model.vocab_size;
     let prompts = random_prompts(args.num_prompts, args.input_len, vocab, 0);
     let params = fixed_length(args.output_len);
+    // What `LLM::generate` does, counting the engine steps (each reads the weights once).
+    for (i, p) in prompts.iter().enumerate() {
+        engine.add_request(&format!("tp-{i}"), p.clone(), params.clone())?;
+    }
     let start = Instant::now();
-    let outputs = llm.generate(&prompts, &params)?;
+    let mut outputs = Vec::with_capacity(prompts.len());
+    let mut steps = 0usize;
+    while engine.has_unfinished_requests() {
+        steps += 1;
+        outputs.extend(engine.step()?.into_iter().filter_map(|u| u.finished));
+    }
     let elapsed = start.elapsed().as_secs_f64();
     let prompt_tokens: usize = outputs.iter().map(|o| o.prompt_token_ids.len()).sum();
     let output_tokens: usize = outputs
@@ -57,8 +91,9 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
         .flat_map(|o| &o.outputs)
         .map(|c| c.token_ids.len())
         .sum();
-    let result = serde_json::json!({
+    let mut result = serde_json::json!({
         "elapsed_time": elapsed,
+        "num_steps": steps,
         "num_requests": outputs.len(),
         "total_num_tokens": prompt_tokens + output_tokens,
         "requests_per_second": outputs.len() as f64 / elapsed,
@@ -76,6 +111,17 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
         args.output_len,
         elapsed
     );
+    result["machine"] = machine.to_json();
+    if let Some(cost) = cost {
+        let steps_per_s = steps as f64 / elapsed;
+        let ops = Machine::ops(&cost, (prompt_tokens + output_tokens) as f64 / elapsed);
+        println!(
+            "{}",
+            machine.bandwidth_line(&cost, steps_per_s, &format!("over {steps} steps"))
+        );
+        println!("{}", machine::ops_line(&machine, &[("all tokens", ops)]));
+        result["achieved"] = achieved_json(&machine, &cost, steps_per_s, &[("all_tokens", ops)]);
+    }
     write_json(args.output_json.as_deref(), &result)
 }
 
@@ -110,8 +156,28 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+fn achieved_json(
+    machine: &Machine,
+    cost: &ModelCost,
+    steps_per_s: f64,
+    ops: &[(&str, f64)],
+) -> serde_json::Value {
+    let bw = cost.weight_bytes as f64 * steps_per_s;
+    let mut v = serde_json::json!({
+        "weight_bytes": cost.weight_bytes,
+        "params": cost.params,
+        "memory_bandwidth_gb_per_s": bw / 1e9,
+        "memory_bandwidth_fraction": bw / machine.read_bytes_per_s.max(1.0),
+    });
+    for (label, o) in ops {
+        v[format!("int8_gops_per_s_{label}")] = serde_json::json!(o / 1e9);
+    }
+    v
+}
+
 pub fn latency(args: LatencyArgs) -> Result<()> {
     let config = args.engine.to_config()?;
+    let (machine, cost) = probe(&config.model);
     let mut llm = LLM::with_registries(config, &crate::platforms::engine_registries()?)?;
     let engine = llm.engine();
     let vocab = engine.config().model.vocab_size;
@@ -156,13 +222,42 @@ pub fn latency(args: LatencyArgs) -> Result<()> {
         out_tokens / avg,
         (args.batch_size * args.input_len) as f64 / mean(&prefill).max(1e-9),
     );
-    let result = serde_json::json!({
+    let prefill_mean = mean(&prefill);
+    let mut result = serde_json::json!({
         "avg_latency": avg,
         "latencies": totals,
         "percentiles": { "10": percentile(&sorted, 10.0), "50": percentile(&sorted, 50.0), "90": percentile(&sorted, 90.0), "99": percentile(&sorted, 99.0) },
         "prefill_step_seconds_mean": mean(&prefill),
         "decode_step_ms": { "mean": step_mean * 1e3, "p50": percentile(&decode_steps, 50.0) * 1e3, "p99": percentile(&decode_steps, 99.0) * 1e3 },
         "output_tokens_per_second": out_tokens / avg,
+        "prompt_tokens_per_second": (args.batch_size * args.input_len) as f64 / prefill_mean.max(1e-9),
+        "decode_tokens_per_second": if step_mean > 0.0 { args.batch_size as f64 / step_mean } else { 0.0 },
+        "machine": machine.to_json(),
     });
+    if let Some(cost) = cost {
+        // Decode steps read the weights once each; the prefill step pushes the whole prompt
+        // through them.
+        let decode_ops = if step_mean > 0.0 {
+            Machine::ops(&cost, args.batch_size as f64 / step_mean)
+        } else {
+            0.0
+        };
+        let prefill_ops = Machine::ops(
+            &cost,
+            (args.batch_size * args.input_len) as f64 / prefill_mean.max(1e-9),
+        );
+        let steps_per_s = if step_mean > 0.0 {
+            1.0 / step_mean
+        } else {
+            0.0
+        };
+        println!(
+            "{}",
+            machine.bandwidth_line(&cost, steps_per_s, "in decode")
+        );
+        let parts = [("decode", decode_ops), ("prefill", prefill_ops)];
+        println!("{}", machine::ops_line(&machine, &parts));
+        result["achieved"] = achieved_json(&machine, &cost, steps_per_s, &parts);
+    }
     write_json(args.output_json.as_deref(), &result)
 }

@@ -105,7 +105,12 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
 
 async fn run_async(args: ServeBenchArgs) -> Result<()> {
     let base = args.base_url.trim_end_matches('/').to_string();
-    let client = reqwest::Client::new();
+    // A fresh connection per request: llama-server (cpp-httplib) closes kept-alive connections
+    // on its own schedule, and a request sent on one it is closing fails with "connection
+    // closed before message completed". Connecting costs well under a millisecond locally.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
     let models: serde_json::Value = client
         .get(format!("{base}/v1/models"))
         .send()

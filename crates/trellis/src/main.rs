@@ -4,6 +4,7 @@ mod args;
 mod bench;
 mod bench_serve;
 mod generate;
+mod machine;
 mod platforms;
 mod plugins;
 mod serve;
