@@ -758,6 +758,13 @@ mod x86 {
         _mm512_scalef_ps(p, n)
     }
 
+    /// One lane of [`exp512`], for tests.
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp512_for_test(x: f32) -> f32 {
+        _mm512_cvtss_f32(exp512(_mm512_set1_ps(x)))
+    }
+
     /// `exp(x)` on 8 lanes, as [`exp512`]; `2^n` is built in the exponent bits.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -1740,5 +1747,29 @@ mod tests {
                 unsafe { check::<x86::Avx512>() };
             }
         }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod exp_tests {
+    #[test]
+    fn vector_exp_is_accurate_over_the_softmax_range() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            // SAFETY: AVX-512 F checked above.
+            let got = unsafe {
+                let v = super::x86::exp512_for_test(x);
+                v
+            };
+            let want = (x as f64).exp();
+            let rel = ((got as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.001;
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
     }
 }

@@ -59,6 +59,18 @@ impl PagedRunner {
         block_size: usize,
         dtype: DType,
     ) -> Result<Self> {
+        let backend = trellis_cpu::cpu_reference_backend();
+        Self::with_backend(model, num_blocks, block_size, dtype, backend)
+    }
+
+    /// A runner on any attention backend.
+    pub fn with_backend(
+        model: &dyn Model,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+        backend: std::sync::Arc<dyn trellis_plugin::AttentionBackend>,
+    ) -> Result<Self> {
         let c = model.config();
         let spec = KvCacheSpec {
             num_blocks,
@@ -73,7 +85,6 @@ impl PagedRunner {
             head_dim: c.head_dim,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
-        let backend = trellis_cpu::cpu_reference_backend();
         let layers = (0..c.num_layers)
             .map(|_| backend.new_layer(&spec, shape, &Device::Cpu))
             .collect::<candle_core::Result<Vec<_>>>()?;
