@@ -296,32 +296,15 @@ impl KMatrix {
         assert_eq!(acts.k, self.k, "activation width");
         assert_eq!(out.len(), acts.m * self.n, "output size");
         let use_isa = want.min(isa());
-        let groups = self.n.div_ceil(COLS);
-        let out_ptr = SendPtr(out.as_mut_ptr());
         let m = acts.m;
-        let per = groups.div_ceil(pool::global().threads() * 4).clamp(1, 64);
-        pool::global().run(groups.div_ceil(per), |item| {
-            let g0 = item * per;
-            for g in g0..(g0 + per).min(groups) {
-                let mut tile = [0f32; COLS * 8];
-                let mut r0 = 0;
-                while r0 < m {
-                    let rows = (m - r0).min(8);
-                    self.group_tile(g, acts, r0, rows, &mut tile, use_isa);
-                    let cols = (self.n - g * COLS).min(COLS);
-                    for r in 0..rows {
-                        // SAFETY: `out` has m × n elements and lives until `run` returns; each
-                        // (row, column) is written by exactly one item.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                tile[r * COLS..].as_ptr(),
-                                out_ptr.get().add((r0 + r) * self.n + g * COLS),
-                                cols,
-                            )
-                        };
-                    }
-                    r0 += rows;
-                }
+        super::for_each_group(self.n, m, out, |g, store| {
+            let mut tile = [0f32; COLS * 8];
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = (m - r0).min(8);
+                self.group_tile(g, acts, r0, rows, &mut tile, use_isa);
+                store(r0, rows, &tile[..]);
+                r0 += rows;
             }
         });
     }

@@ -268,57 +268,27 @@ impl QMatrix {
         assert_eq!(acts.k, self.k, "activation width");
         assert_eq!(out.len(), acts.m * self.n, "output size");
         let use_isa = want.min(detected());
-        let groups = self.n.div_ceil(COLS);
-        let out_ptr = SendPtr(out.as_mut_ptr());
         let m = acts.m;
-        // Enough groups per item to amortise the claim, about four items per thread.
-        let per = groups.div_ceil(pool::global().threads() * 4).clamp(1, 64);
         // AMX for whole tiles of 16 rows when the activations carry their u8 copy.
         let amx_rows = match use_isa {
             Isa::Amx if acts.qs_u8.len() == m * self.k => m / 16 * 16,
             _ => 0,
         };
-        pool::global().run(groups.div_ceil(per), |item| {
-            let g0 = item * per;
-            for g in g0..(g0 + per).min(groups) {
-                let mut tile = [0f32; COLS * 8];
-                let cols = (self.n - g * COLS).min(COLS);
-                #[cfg(target_arch = "x86_64")]
-                if amx_rows > 0 {
-                    let mut emit = |row0: usize, t: &[f32; COLS * 16]| {
-                        for r in 0..16 {
-                            // SAFETY: as below, for rows row0..row0 + 16 < m.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    t[r * COLS..].as_ptr(),
-                                    out_ptr.get().add((row0 + r) * self.n + g * COLS),
-                                    cols,
-                                )
-                            };
-                        }
-                    };
-                    // SAFETY: `Isa::Amx` means AVX-512 VNNI and granted AMX; the u8 copy of
-                    // the activations covers all m rows (checked above).
-                    unsafe { amx::group_rows(self.qtype, self.group(g), acts, 0, amx_rows / 16, &mut emit) };
-                }
-                let mut r0 = amx_rows;
-                while r0 < m {
-                    let rows = (m - r0).min(8);
-                    self.group_tile(g, acts, r0, rows, &mut tile, use_isa);
-                    for r in 0..rows {
-                        // SAFETY: `out` has m × n elements and lives until `run` returns;
-                        // each (row, column) is written by exactly one item (groups are
-                        // split between items).
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                tile[r * COLS..].as_ptr(),
-                                out_ptr.get().add((r0 + r) * self.n + g * COLS),
-                                cols,
-                            )
-                        };
-                    }
-                    r0 += rows;
-                }
+        for_each_group(self.n, m, out, |g, store| {
+            #[cfg(target_arch = "x86_64")]
+            if amx_rows > 0 {
+                let mut emit = |row0: usize, t: &[f32; COLS * 16]| store(row0, 16, &t[..]);
+                // SAFETY: `Isa::Amx` means AVX-512 VNNI and granted AMX; the u8 copy of the
+                // activations covers all m rows (checked above).
+                unsafe { amx::group_rows(self.qtype, self.group(g), acts, 0, amx_rows / 16, &mut emit) };
+            }
+            let mut tile = [0f32; COLS * 8];
+            let mut r0 = amx_rows;
+            while r0 < m {
+                let rows = (m - r0).min(8);
+                self.group_tile(g, acts, r0, rows, &mut tile, use_isa);
+                store(r0, rows, &tile[..]);
+                r0 += rows;
             }
         });
     }
@@ -350,14 +320,50 @@ impl QMatrix {
     }
 }
 
+/// The parallel driver of an `[m, n]` product over column groups: `group(g, store)` computes
+/// the rows of group `g` (any number of rows at a time) and hands each `[rows, 16]` tile to
+/// `store(first_row, rows, tile)`, which copies its existing columns into `out`. Items of a few
+/// contiguous groups, about four per thread, are claimed from the global pool.
+pub(super) fn for_each_group<G>(n: usize, m: usize, out: &mut [f32], group: G)
+where
+    G: Fn(usize, &mut dyn FnMut(usize, usize, &[f32])) + Sync,
+{
+    let groups = n.div_ceil(COLS);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    assert!(out.len() >= m * n, "output size");
+    let per = groups.div_ceil(pool::global().threads() * 4).clamp(1, 64);
+    pool::global().run(groups.div_ceil(per), |item| {
+        let g0 = item * per;
+        for g in g0..(g0 + per).min(groups) {
+            let cols = (n - g * COLS).min(COLS);
+            let mut store = |row0: usize, rows: usize, tile: &[f32]| {
+                assert!(row0 + rows <= m && tile.len() >= rows * COLS);
+                for r in 0..rows {
+                    // SAFETY: `out` has m × n elements (asserted) and lives until `run`
+                    // returns; each (row, column) is written by exactly one item (groups are
+                    // split between items).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            tile[r * COLS..].as_ptr(),
+                            out_ptr.get().add((row0 + r) * n + g * COLS),
+                            cols,
+                        )
+                    };
+                }
+            };
+            group(g, &mut store);
+        }
+    });
+}
+
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(*mut f32);
 // SAFETY: used only to write disjoint parts of one output from the pool's threads.
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
