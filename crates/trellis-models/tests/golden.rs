@@ -107,15 +107,15 @@ fn teacher_forced(
 }
 
 /// The default CPU backend (`CPU_ATTN`: another summation order and a polynomial `exp`),
-///teacher-forced on llama.cpp's tokens: its log-probabilities stay within 0.3 nats of
-///`CPU_REFERENCE`'s at every position, and its greedy choice is llama.cpp's token unless the two
-///are a near-tie (within 0.25 nats), which happens at no more than one position in ten. Why not
-///tighter: each layer's input is quantized to int8 (Q8_1, as llama.cpp does), so a 1e-6
-///difference in attention (measured per layer against CPU_REFERENCE on these prompts: at most
-///4e-6) can move a value across a rounding boundary, one quant step, and such steps add up over
-///30 layers to about a tenth of a nat (measured here: at most 0.13 with the AVX-512 kernels,
-///0.17 with AVX2, 0 with scalar). Exact token parity is pinned on `CPU_REFERENCE` above; "31 vs
-///32 million" at a 0.001-nat margin is not something two correct engines must agree on.
+/// teacher-forced on llama.cpp's tokens: its log-probabilities stay within 0.3 nats of
+/// `CPU_REFERENCE`'s at every position, and its greedy choice is llama.cpp's token unless the two
+/// are a near-tie (within 0.25 nats), which happens at no more than one position in ten. Why not
+/// tighter: each layer's input is quantized to int8 (Q8_1, as llama.cpp does), so a 1e-6
+/// difference in attention (measured per layer against CPU_REFERENCE on these prompts: at most
+/// 4e-6) can move a value across a rounding boundary, one quant step, and such steps add up over
+/// 30 layers to about a tenth of a nat (measured here: at most 0.13 with the AVX-512 kernels,
+/// 0.17 with AVX2, 0 with scalar). Exact token parity is pinned on `CPU_REFERENCE` above; "31 vs
+/// 32 million" at a 0.001-nat margin is not something two correct engines must agree on.
 #[test]
 fn smollm2_q4_1_on_cpu_attn_agrees_with_llama_cpp_up_to_near_ties() -> Result<()> {
     let golden: serde_json::Value = serde_json::from_str(include_str!("data/golden-llamacpp.json"))
