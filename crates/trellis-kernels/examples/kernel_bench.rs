@@ -19,7 +19,11 @@ fn random_blocks(q: QType, n: usize, k: usize, seed: u64) -> Vec<u8> {
         s ^= s >> 7;
         s ^= s << 17;
         // Small f16 scales (bytes 1 and 3 of each block kept low), anything else random.
-        *b = if i % fb == 1 || (q == QType::Q4_1 && i % fb == 3) { 0x1c } else { s as u8 };
+        *b = if i % fb == 1 || (q == QType::Q4_1 && i % fb == 3) {
+            0x1c
+        } else {
+            s as u8
+        };
     }
     raw
 }
@@ -29,9 +33,14 @@ fn random_blocks(q: QType, n: usize, k: usize, seed: u64) -> Vec<u8> {
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = after.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
     // Fields 14 and 15 of the file; the state (field 3) is not a number and is skipped.
-    f.get(10).zip(f.get(11)).map_or(0.0, |(u, s)| (u + s) / 100.0)
+    f.get(10)
+        .zip(f.get(11))
+        .map_or(0.0, |(u, s)| (u + s) / 100.0)
 }
 
 fn main() {
@@ -39,7 +48,11 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    let rows = if rows.is_empty() { vec![1, 8, 64, 512] } else { rows };
+    let rows = if rows.is_empty() {
+        vec![1, 8, 64, 512]
+    } else {
+        rows
+    };
     let mut layers = Vec::new();
     for l in 0..30u64 {
         for (i, &(n, k)) in [(960usize, 576usize), (576, 576), (3072, 576), (576, 1536)]
@@ -65,15 +78,23 @@ fn main() {
         bytes as f64 / 1e6
     );
     for &m in &rows {
-        let x576: Vec<f32> = (0..m * 576).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-        let x1536: Vec<f32> = (0..m * 1536).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let x576: Vec<f32> = (0..m * 576)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let x1536: Vec<f32> = (0..m * 1536)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
         let (mut a576, mut a1536) = (QActs::new(), QActs::new());
         a576.quantize(&x576, 576);
         a1536.quantize(&x1536, 1536);
         let mut out = vec![0f32; m * 49152];
         let pass = |out: &mut Vec<f32>| {
             for w in &layers {
-                let a = if w.in_features() == 576 { &a576 } else { &a1536 };
+                let a = if w.in_features() == 576 {
+                    &a576
+                } else {
+                    &a1536
+                };
                 w.matmul(a, &mut out[..m * w.out_features()]);
             }
             head.matmul(&a576, &mut out[..m * 49152]);

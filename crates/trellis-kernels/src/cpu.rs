@@ -33,7 +33,11 @@ fn detect() -> Isa {
     {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
-            return if amx_granted() { Isa::Amx } else { Isa::Avx512Vnni };
+            return if amx_granted() {
+                Isa::Amx
+            } else {
+                Isa::Avx512Vnni
+            };
         }
         if has!("avx2") && has!("fma") && has!("f16c") {
             return Isa::Avx2;

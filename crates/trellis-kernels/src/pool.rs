@@ -180,7 +180,9 @@ impl Pool {
         min_chunk: usize,
         f: F,
     ) {
-        let parts = (self.threads() * 4).min(len.div_ceil(min_chunk.max(1))).max(1);
+        let parts = (self.threads() * 4)
+            .min(len.div_ceil(min_chunk.max(1)))
+            .max(1);
         let chunk = len.div_ceil(parts);
         self.run(len.div_ceil(chunk.max(1)), |p| {
             let start = p * chunk;

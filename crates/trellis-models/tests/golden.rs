@@ -99,9 +99,18 @@ fn teacher_forced(
         .map(|(i, &tok)| {
             let row = &rows[0][prompt.len() - 1 + i];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max + row.iter().map(|&l| ((l as f64) - max).exp()).sum::<f64>().ln();
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&l| ((l as f64) - max).exp())
+                    .sum::<f64>()
+                    .ln();
             let top = argmax(row);
-            (row[tok as usize] as f64 - lse, top, row[top as usize] as f64 - lse)
+            (
+                row[tok as usize] as f64 - lse,
+                top,
+                row[top as usize] as f64 - lse,
+            )
         })
         .collect())
 }
@@ -135,7 +144,8 @@ fn smollm2_q4_1_on_cpu_attn_agrees_with_llama_cpp_up_to_near_ties() -> Result<()
         };
         let (prompt, want) = (ids("prompt_token_ids"), ids("completion_token_ids"));
         let attn = teacher_forced(model, trellis_cpu::cpu_attn_backend(), &prompt, &want)?;
-        let reference = teacher_forced(model, trellis_cpu::cpu_reference_backend(), &prompt, &want)?;
+        let reference =
+            teacher_forced(model, trellis_cpu::cpu_reference_backend(), &prompt, &want)?;
         for (i, (&tok, (&(lp, top, top_lp), &(ref_lp, _, _)))) in
             want.iter().zip(attn.iter().zip(&reference)).enumerate()
         {
@@ -156,11 +166,13 @@ fn smollm2_q4_1_on_cpu_attn_agrees_with_llama_cpp_up_to_near_ties() -> Result<()
             }
         }
     }
-    anyhow::ensure!(near_ties * 10 <= total, "{near_ties} of {total} greedy choices differ");
+    anyhow::ensure!(
+        near_ties * 10 <= total,
+        "{near_ties} of {total} greedy choices differ"
+    );
     eprintln!(
         "CPU_ATTN vs CPU_REFERENCE: largest logprob difference {worst:.4}; near-ties decided \
          differently from llama.cpp: {near_ties}"
     );
     Ok(())
 }
-

@@ -61,9 +61,10 @@ fn exp256(x: __m256) -> __m256 {
         _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
         _mm256_set1_ps(88.0),
     );
-    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-    );
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
     let mut p = _mm256_set1_ps(EXP_C[0]);
@@ -262,14 +263,7 @@ impl Kernels for Avx512 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[inline]
-    unsafe fn axpy_group(
-        acc: &mut [f32],
-        d: usize,
-        w: &[f32],
-        stride: usize,
-        n: usize,
-        v: &[f32],
-    ) {
+    unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], stride: usize, n: usize, v: &[f32]) {
         if n == 0 {
             return;
         }
@@ -677,14 +671,7 @@ impl Kernels for Avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn axpy_group(
-        acc: &mut [f32],
-        d: usize,
-        w: &[f32],
-        stride: usize,
-        n: usize,
-        v: &[f32],
-    ) {
+    unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], stride: usize, n: usize, v: &[f32]) {
         if n == 0 {
             return;
         }

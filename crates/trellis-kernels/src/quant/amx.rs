@@ -25,7 +25,9 @@ struct TileConfig([u8; 64]);
 fn config() -> TileConfig {
     let mut c = [0u8; 64];
     c[0] = 1; // palette
-    let colsb = |c: &mut [u8; 64], t: usize, v: u16| c[16 + 2 * t..18 + 2 * t].copy_from_slice(&v.to_le_bytes());
+    let colsb = |c: &mut [u8; 64], t: usize, v: u16| {
+        c[16 + 2 * t..18 + 2 * t].copy_from_slice(&v.to_le_bytes())
+    };
     for set in [0, 3] {
         colsb(&mut c, set, 64);
         colsb(&mut c, set + 1, 32);
@@ -43,7 +45,13 @@ fn config() -> TileConfig {
 /// # Safety
 /// AVX-512 F/BW/VL/VNNI; `w` is one repacked group of `kb` blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn unpack_group(qtype: QType, w: &[u8], kb: usize, buf: &mut Vec<u8>, colsum: &mut Vec<i32>) {
+unsafe fn unpack_group(
+    qtype: QType,
+    w: &[u8],
+    kb: usize,
+    buf: &mut Vec<u8>,
+    colsum: &mut Vec<i32>,
+) {
     let gbb = qtype.group_block_bytes();
     buf.resize(kb * 512, 0);
     colsum.resize(kb * COLS, 0);
@@ -57,7 +65,10 @@ unsafe fn unpack_group(qtype: QType, w: &[u8], kb: usize, buf: &mut Vec<u8>, col
         unsafe {
             if qtype == QType::Q8_0 {
                 for (s, v) in v.iter_mut().enumerate() {
-                    *v = _mm512_xor_si512(_mm512_loadu_si512(src.as_ptr().add(64 * s) as *const _), flip);
+                    *v = _mm512_xor_si512(
+                        _mm512_loadu_si512(src.as_ptr().add(64 * s) as *const _),
+                        flip,
+                    );
                 }
             } else {
                 for j in 0..4 {
@@ -164,7 +175,9 @@ pub(super) unsafe fn group_rows(
                         } else {
                             _mm512_setzero_ps()
                         },
-                        _mm512_slli_epi32::<7>(_mm512_loadu_si512(colsum.as_ptr().add(b * COLS) as *const _)),
+                        _mm512_slli_epi32::<7>(_mm512_loadu_si512(
+                            colsum.as_ptr().add(b * COLS) as *const _
+                        )),
                     )
                 };
                 for (r, acc_r) in acc.iter_mut().enumerate() {
@@ -179,7 +192,10 @@ pub(super) unsafe fn group_rows(
                             sumi = _mm512_sub_epi32(sumi, _mm512_set1_epi32(acts.isum[i] << shift));
                         }
                     }
-                    let t = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sumi), dw), _mm512_set1_ps(acts.d[i]));
+                    let t = _mm512_mul_ps(
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), dw),
+                        _mm512_set1_ps(acts.d[i]),
+                    );
                     let t = if qtype == QType::Q4_1 {
                         _mm512_add_ps(t, _mm512_mul_ps(mw, _mm512_set1_ps(acts.s[i])))
                     } else {

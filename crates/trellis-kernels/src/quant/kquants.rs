@@ -27,9 +27,9 @@
 
 use half::f16;
 
-use super::{COLS, SendPtr, kquants_scalar as scalar};
 #[cfg(target_arch = "x86_64")]
 use super::kquants_x86 as x86;
+use super::{COLS, SendPtr, kquants_scalar as scalar};
 use crate::cpu::{Isa, isa};
 use crate::pool;
 
@@ -118,7 +118,10 @@ pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -127,7 +130,11 @@ pub(super) fn unpack_values(ktype: KType, blk: &[u8]) -> [u8; QK_K] {
     let mut v = [0u8; QK_K];
     match ktype {
         KType::Q4K | KType::Q5K => {
-            let (qh, qs) = if ktype == KType::Q5K { (&blk[16..48], &blk[48..176]) } else { (&blk[0..0], &blk[16..144]) };
+            let (qh, qs) = if ktype == KType::Q5K {
+                (&blk[16..48], &blk[48..176])
+            } else {
+                (&blk[0..0], &blk[16..144])
+            };
             for j in 0..4 {
                 for l in 0..32 {
                     let b = qs[32 * j + l];
@@ -174,7 +181,12 @@ impl std::fmt::Debug for KMatrix {
 impl KMatrix {
     /// Repacks `raw`, the file's super-blocks of a `[n, k]` weight (row-major: `n` rows of
     /// `k/256` super-blocks), checking its size.
-    pub fn from_gguf_blocks(ktype: KType, n: usize, k: usize, raw: &[u8]) -> Result<Self, KQuantError> {
+    pub fn from_gguf_blocks(
+        ktype: KType,
+        n: usize,
+        k: usize,
+        raw: &[u8],
+    ) -> Result<Self, KQuantError> {
         if !k.is_multiple_of(QK_K) {
             return Err(KQuantError::PartialBlock { ktype, k });
         }
@@ -182,7 +194,13 @@ impl KMatrix {
         let fb = ktype.file_block_bytes();
         let expected = n * kb * fb;
         if raw.len() != expected {
-            return Err(KQuantError::Size { ktype, n, k, expected, actual: raw.len() });
+            return Err(KQuantError::Size {
+                ktype,
+                n,
+                k,
+                expected,
+                actual: raw.len(),
+            });
         }
         let gbb = ktype.group_block_bytes();
         let (hi, sc, mn, d) = (KType::HI, ktype.sc_off(), ktype.min_off(), ktype.d_off());
@@ -198,7 +216,8 @@ impl KMatrix {
                     let j = vec / 8;
                     for t in 0..4 {
                         let i = l + 8 * t;
-                        dst[64 * vec + 4 * c + t] = (v[64 * j + i] & 0xF) | ((v[64 * j + 32 + i] & 0xF) << 4);
+                        dst[64 * vec + 4 * c + t] =
+                            (v[64 * j + i] & 0xF) | ((v[64 * j + 32 + i] & 0xF) << 4);
                     }
                 }
                 match ktype {
@@ -207,7 +226,9 @@ impl KMatrix {
                             for l in 0..8 {
                                 let i = l + 8 * t;
                                 if ktype == KType::Q5K {
-                                    let bits = (0..8).fold(0u8, |acc, s| acc | (((v[32 * s + i] >> 4) & 1) << s));
+                                    let bits = (0..8).fold(0u8, |acc, s| {
+                                        acc | (((v[32 * s + i] >> 4) & 1) << s)
+                                    });
                                     dst[hi + 64 * l + 4 * c + t] = bits;
                                 }
                             }
@@ -225,7 +246,9 @@ impl KMatrix {
                             for l in 0..8 {
                                 for t in 0..4 {
                                     let i = l + 8 * t;
-                                    let bits = (0..4).fold(0u8, |acc, u| acc | (((v[32 * (4 * h + u) + i] >> 4) & 3) << (2 * u)));
+                                    let bits = (0..4).fold(0u8, |acc, u| {
+                                        acc | (((v[32 * (4 * h + u) + i] >> 4) & 3) << (2 * u))
+                                    });
                                     dst[hi + 64 * (8 * h + l) + 4 * c + t] = bits;
                                 }
                             }
@@ -275,7 +298,12 @@ impl KMatrix {
             return None;
         }
         let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
-        Some(KMatrix { ktype, n: parts.iter().map(|p| p.n).sum(), k, data })
+        Some(KMatrix {
+            ktype,
+            n: parts.iter().map(|p| p.n).sum(),
+            k,
+            data,
+        })
     }
 
     fn group(&self, g: usize) -> &[u8] {
@@ -309,7 +337,15 @@ impl KMatrix {
         });
     }
 
-    fn group_tile(&self, g: usize, acts: &QActsK, r0: usize, rows: usize, tile: &mut [f32; COLS * 8], use_isa: Isa) {
+    fn group_tile(
+        &self,
+        g: usize,
+        acts: &QActsK,
+        r0: usize,
+        rows: usize,
+        tile: &mut [f32; COLS * 8],
+        use_isa: Isa,
+    ) {
         let w = self.group(g);
         match use_isa {
             #[cfg(target_arch = "x86_64")]
@@ -372,7 +408,10 @@ impl QActsK {
     /// # Panics
     /// When `k` is not a multiple of 256 or `x.len()` is not a multiple of `k`.
     pub fn quantize(&mut self, x: &[f32], k: usize) {
-        assert!(k > 0 && k.is_multiple_of(QK_K) && x.len().is_multiple_of(k), "activation shape");
+        assert!(
+            k > 0 && k.is_multiple_of(QK_K) && x.len().is_multiple_of(k),
+            "activation shape"
+        );
         let m = x.len() / k;
         let blocks = m * k / QK_K;
         self.m = m;
@@ -395,7 +434,10 @@ impl QActsK {
                 // the buffers resized above, alive until `run_chunked` returns.
                 let (qs, d, bsums, bs32, c32) = unsafe {
                     (
-                        std::slice::from_raw_parts_mut((ptrs.0.get() as *mut i8).add(bi * QK_K), QK_K),
+                        std::slice::from_raw_parts_mut(
+                            (ptrs.0.get() as *mut i8).add(bi * QK_K),
+                            QK_K,
+                        ),
                         &mut *ptrs.1.get().add(bi),
                         std::slice::from_raw_parts_mut((ptrs.2.get() as *mut i16).add(bi * 16), 16),
                         std::slice::from_raw_parts_mut((ptrs.3.get() as *mut i16).add(bi * 8), 8),
@@ -416,7 +458,14 @@ impl QActsK {
 /// `BlockQ8K::from_float` for one super-block: `iscale = −127/max` (`max` the first value of
 /// largest magnitude), `q = round(iscale·x)` clamped, `d = 1/iscale`; plus the lane layout,
 /// the sums per 16 and 32 and Q6_K's offset pairs.
-fn quantize_block_k(xs: &[f32], qs: &mut [i8], d: &mut f32, bsums: &mut [i16], bs32: &mut [i16], c32: &mut [i32]) {
+fn quantize_block_k(
+    xs: &[f32],
+    qs: &mut [i8],
+    d: &mut f32,
+    bsums: &mut [i16],
+    bs32: &mut [i16],
+    c32: &mut [i32],
+) {
     let (mut max, mut amax) = (0f32, 0f32);
     for &x in xs {
         if amax < x.abs() {
@@ -435,7 +484,10 @@ fn quantize_block_k(xs: &[f32], qs: &mut [i8], d: &mut f32, bsums: &mut [i16], b
         *d = 1.0 / iscale;
     }
     for (j, s) in bsums.iter_mut().enumerate() {
-        *s = nat[16 * j..16 * j + 16].iter().map(|&q| q as i32).sum::<i32>() as i16;
+        *s = nat[16 * j..16 * j + 16]
+            .iter()
+            .map(|&q| q as i32)
+            .sum::<i32>() as i16;
     }
     for (s, v) in bs32.iter_mut().enumerate() {
         *v = bsums[2 * s] + bsums[2 * s + 1];

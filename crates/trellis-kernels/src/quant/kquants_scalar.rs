@@ -85,12 +85,21 @@ fn value(ktype: KType, blk: &[u8], s: usize, l: usize, c: usize, t: usize) -> i3
     let hi = match ktype {
         KType::Q4K => 0,
         KType::Q5K => ((blk[KType::HI + 64 * l + 4 * c + t] >> s) & 1) << 4,
-        KType::Q6K => ((blk[KType::HI + 64 * (8 * (s / 4) + l) + 4 * c + t] >> (2 * (s % 4))) & 3) << 4,
+        KType::Q6K => {
+            ((blk[KType::HI + 64 * (8 * (s / 4) + l) + 4 * c + t] >> (2 * (s % 4))) & 3) << 4
+        }
     };
     (nib | hi) as i32
 }
 
-pub(super) fn tile(ktype: KType, w: &[u8], acts: &QActsK, r0: usize, rows: usize, tile: &mut [f32; COLS * 8]) {
+pub(super) fn tile(
+    ktype: KType,
+    w: &[u8],
+    acts: &QActsK,
+    r0: usize,
+    rows: usize,
+    tile: &mut [f32; COLS * 8],
+) {
     let k = acts.k;
     let kb = k / QK_K;
     let gbb = ktype.group_block_bytes();
@@ -111,7 +120,9 @@ pub(super) fn tile(ktype: KType, w: &[u8], acts: &QActsK, r0: usize, rows: usize
                             let v = value(ktype, blk, s, l, c, t);
                             let a = a[32 * s + 4 * l + t] as i32;
                             *x += match ktype {
-                                KType::Q6K => blk[sc + 16 * (2 * s + t / 2) + c] as i8 as i32 * (v - 32) * a,
+                                KType::Q6K => {
+                                    blk[sc + 16 * (2 * s + t / 2) + c] as i8 as i32 * (v - 32) * a
+                                }
                                 _ => blk[sc + 16 * s + c] as i32 * v * a,
                             };
                         }
@@ -123,7 +134,9 @@ pub(super) fn tile(ktype: KType, w: &[u8], acts: &QActsK, r0: usize, rows: usize
                 }
                 if ktype != KType::Q6K {
                     let summ: i32 = (0..8)
-                        .map(|s| blk[mn + 16 * s + c] as i32 * acts.bs32[(row * kb + b) * 8 + s] as i32)
+                        .map(|s| {
+                            blk[mn + 16 * s + c] as i32 * acts.bs32[(row * kb + b) * 8 + s] as i32
+                        })
                         .sum();
                     let dmin = f16_at(blk, doff + 32 + 2 * c) * dy;
                     st_rc[8] -= dmin * summ as f32;

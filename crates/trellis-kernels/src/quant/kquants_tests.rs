@@ -63,7 +63,10 @@ fn dequantize(q: KType, raw: &[u8]) -> Vec<f32> {
 }
 
 fn isas() -> Vec<Isa> {
-    [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|&i| i <= isa()).collect()
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+        .into_iter()
+        .filter(|&i| i <= isa())
+        .collect()
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -74,7 +77,13 @@ fn bits(v: &[f32]) -> Vec<u32> {
 fn every_isa_equals_the_reference_bit_for_bit() {
     let mut rng = Rng(0x1234_5678_9abc_def1);
     for q in KTYPES {
-        for &(n, k) in &[(5usize, 256usize), (16, 512), (33, 1536), (17, 2816), (40, 256)] {
+        for &(n, k) in &[
+            (5usize, 256usize),
+            (16, 512),
+            (33, 1536),
+            (17, 2816),
+            (40, 256),
+        ] {
             let raw = random_blocks(q, n, k, &mut rng);
             let w = KMatrix::from_gguf_blocks(q, n, k, &raw).expect("repack");
             for m in [1usize, 2, 3, 7, 8, 9, 17] {
@@ -130,11 +139,17 @@ fn close_to_the_float_product() {
         let mut acts = QActsK::new();
         acts.quantize(&x, k);
         let mut got = vec![0f32; n];
-        KMatrix::from_gguf_blocks(q, n, k, &raw).expect("repack").matmul(&acts, &mut got);
+        KMatrix::from_gguf_blocks(q, n, k, &raw)
+            .expect("repack")
+            .matmul(&acts, &mut got);
         for c in 0..n {
             let exact: f32 = (0..k).map(|i| deq[c * k + i] * x[i]).sum();
             let scale: f32 = (0..k).map(|i| (deq[c * k + i] * x[i]).abs()).sum();
-            assert!((got[c] - exact).abs() <= 0.02 * scale + 1e-4, "{q:?} col {c}: {} vs {exact}", got[c]);
+            assert!(
+                (got[c] - exact).abs() <= 0.02 * scale + 1e-4,
+                "{q:?} col {c}: {} vs {exact}",
+                got[c]
+            );
         }
     }
 }
@@ -180,7 +195,10 @@ fn concatenated_weights_equal_the_parts() {
     let mut rng = Rng(9);
     let k = 256;
     for q in KTYPES {
-        let (ra, rb) = (random_blocks(q, 32, k, &mut rng), random_blocks(q, 21, k, &mut rng));
+        let (ra, rb) = (
+            random_blocks(q, 32, k, &mut rng),
+            random_blocks(q, 21, k, &mut rng),
+        );
         let a = KMatrix::from_gguf_blocks(q, 32, k, &ra).expect("a");
         let b = KMatrix::from_gguf_blocks(q, 21, k, &rb).expect("b");
         assert!(KMatrix::concat(&[&b, &a]).is_none(), "partial group first");
@@ -190,10 +208,19 @@ fn concatenated_weights_equal_the_parts() {
         acts.quantize(&x, k);
         let mut both = vec![0f32; 3 * 53];
         ab.matmul(&acts, &mut both);
-        let (wa, wb) = (matmul_ref_k(q, 32, k, &ra, &acts), matmul_ref_k(q, 21, k, &rb, &acts));
+        let (wa, wb) = (
+            matmul_ref_k(q, 32, k, &ra, &acts),
+            matmul_ref_k(q, 21, k, &rb, &acts),
+        );
         for r in 0..3 {
-            assert_eq!(bits(&both[r * 53..r * 53 + 32]), bits(&wa[r * 32..(r + 1) * 32]));
-            assert_eq!(bits(&both[r * 53 + 32..(r + 1) * 53]), bits(&wb[r * 21..(r + 1) * 21]));
+            assert_eq!(
+                bits(&both[r * 53..r * 53 + 32]),
+                bits(&wa[r * 32..(r + 1) * 32])
+            );
+            assert_eq!(
+                bits(&both[r * 53 + 32..(r + 1) * 53]),
+                bits(&wb[r * 21..(r + 1) * 21])
+            );
         }
     }
 }

@@ -62,7 +62,9 @@ macro_rules! dispatch_rows {
 /// Writes row `r`'s final values from the per-lane float state (`st[l]`, 8 lanes + `sumf`).
 fn finish_row(kt: KType, st: &[[f32; COLS]; 9], cols: std::ops::Range<usize>, out: &mut [f32]) {
     for c in cols {
-        let sums = [st[0][c], st[1][c], st[2][c], st[3][c], st[4][c], st[5][c], st[6][c], st[7][c]];
+        let sums = [
+            st[0][c], st[1][c], st[2][c], st[3][c], st[4][c], st[5][c], st[6][c], st[7][c],
+        ];
         out[c] = finish(kt, st[8][c], &sums);
     }
 }
@@ -85,7 +87,12 @@ pub(super) unsafe fn tile_avx512(
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
 #[allow(clippy::needless_range_loop)] // rows and lanes index several arrays at once
-unsafe fn tile512<const Q: u8, const R: usize>(w: &[u8], acts: &QActsK, r0: usize, tile: &mut [f32; COLS * 8]) {
+unsafe fn tile512<const Q: u8, const R: usize>(
+    w: &[u8],
+    acts: &QActsK,
+    r0: usize,
+    tile: &mut [f32; COLS * 8],
+) {
     let kt = ktype(Q);
     let k = acts.k;
     let kb = k / QK_K;
@@ -106,7 +113,10 @@ unsafe fn tile512<const Q: u8, const R: usize>(w: &[u8], acts: &QActsK, r0: usiz
             *v = if Q == Q6K {
                 let lo = _mm512_cvtepi8_epi32(ld16(sc + 32 * s));
                 let hi = _mm512_cvtepi8_epi32(ld16(sc + 32 * s + 16));
-                _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32::<16>(hi))
+                _mm512_or_si512(
+                    _mm512_and_si512(lo, _mm512_set1_epi32(0xFFFF)),
+                    _mm512_slli_epi32::<16>(hi),
+                )
             } else {
                 let x = _mm512_cvtepu8_epi32(ld16(sc + 16 * s));
                 _mm512_or_si512(x, _mm512_slli_epi32::<16>(x))
@@ -128,7 +138,10 @@ unsafe fn tile512<const Q: u8, const R: usize>(w: &[u8], acts: &QActsK, r0: usiz
             };
             for j in 0..4 {
                 let raw = ld(64 * (8 * j + l));
-                let pair = [_mm512_and_si512(raw, nib), _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nib)];
+                let pair = [
+                    _mm512_and_si512(raw, nib),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nib),
+                ];
                 for (h, v) in pair.into_iter().enumerate() {
                     let s = 2 * j + h;
                     let v = match Q {
@@ -150,10 +163,14 @@ unsafe fn tile512<const Q: u8, const R: usize>(w: &[u8], acts: &QActsK, r0: usiz
                     };
                     for (r, acc_r) in acc.iter_mut().enumerate() {
                         let row = r0 + r;
-                        let a4 = unsafe { (qs.add(row * k + b * QK_K + 32 * s + 4 * l) as *const i32).read_unaligned() };
+                        let a4 = unsafe {
+                            (qs.add(row * k + b * QK_K + 32 * s + 4 * l) as *const i32)
+                                .read_unaligned()
+                        };
                         let mut p = _mm512_maddubs_epi16(v, _mm512_set1_epi32(a4));
                         if Q == Q6K {
-                            let c = unsafe { *acts.c32.get_unchecked((row * kb + b) * 64 + 8 * s + l) };
+                            let c =
+                                unsafe { *acts.c32.get_unchecked((row * kb + b) * 64 + 8 * s + l) };
                             p = _mm512_sub_epi16(p, _mm512_set1_epi32(c));
                         }
                         *acc_r = _mm512_dpwssd_epi32(*acc_r, p, scv[s]);
@@ -161,11 +178,13 @@ unsafe fn tile512<const Q: u8, const R: usize>(w: &[u8], acts: &QActsK, r0: usiz
                 }
             }
             for r in 0..R {
-                st[r][l] = _mm512_add_ps(st[r][l], _mm512_mul_ps(dr[r], _mm512_cvtepi32_ps(acc[r])));
+                st[r][l] =
+                    _mm512_add_ps(st[r][l], _mm512_mul_ps(dr[r], _mm512_cvtepi32_ps(acc[r])));
             }
         }
         if Q != Q6K {
-            let dminx = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(doff + 32) as *const _) });
+            let dminx =
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(blk.add(doff + 32) as *const _) });
             let mut mp = [_mm512_setzero_si512(); 4];
             for (p, v) in mp.iter_mut().enumerate() {
                 let lo = _mm512_cvtepu8_epi32(ld16(mn + 32 * p));
@@ -211,7 +230,12 @@ pub(super) unsafe fn tile_avx2(
 
 /// Both halves (columns 0..8 and 8..16) of the group, one after the other.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile256<const Q: u8, const R: usize>(w: &[u8], acts: &QActsK, r0: usize, tile: &mut [f32; COLS * 8]) {
+unsafe fn tile256<const Q: u8, const R: usize>(
+    w: &[u8],
+    acts: &QActsK,
+    r0: usize,
+    tile: &mut [f32; COLS * 8],
+) {
     for half in 0..2 {
         // SAFETY: forwarded.
         unsafe { half256::<Q, R>(w, acts, r0, tile, half) };
@@ -275,7 +299,10 @@ unsafe fn half256<const Q: u8, const R: usize>(
             *v = if Q == Q6K {
                 let lo = _mm256_cvtepi8_epi32(ld8(sc + 32 * s));
                 let hi = _mm256_cvtepi8_epi32(ld8(sc + 32 * s + 16));
-                _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32::<16>(hi))
+                _mm256_or_si256(
+                    _mm256_and_si256(lo, _mm256_set1_epi32(0xFFFF)),
+                    _mm256_slli_epi32::<16>(hi),
+                )
             } else {
                 let x = _mm256_cvtepu8_epi32(ld8(sc + 16 * s));
                 _mm256_or_si256(x, _mm256_slli_epi32::<16>(x))
@@ -297,7 +324,10 @@ unsafe fn half256<const Q: u8, const R: usize>(
             };
             for j in 0..4 {
                 let raw = ld(64 * (8 * j + l));
-                let pair = [_mm256_and_si256(raw, nib), _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nib)];
+                let pair = [
+                    _mm256_and_si256(raw, nib),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nib),
+                ];
                 for (h, v) in pair.into_iter().enumerate() {
                     let s = 2 * j + h;
                     let v = match Q {
@@ -307,10 +337,14 @@ unsafe fn half256<const Q: u8, const R: usize>(
                     };
                     for (r, acc_r) in acc.iter_mut().enumerate() {
                         let row = r0 + r;
-                        let a4 = unsafe { (qs.add(row * k + b * QK_K + 32 * s + 4 * l) as *const i32).read_unaligned() };
+                        let a4 = unsafe {
+                            (qs.add(row * k + b * QK_K + 32 * s + 4 * l) as *const i32)
+                                .read_unaligned()
+                        };
                         let mut p = _mm256_maddubs_epi16(v, _mm256_set1_epi32(a4));
                         if Q == Q6K {
-                            let c = unsafe { *acts.c32.get_unchecked((row * kb + b) * 64 + 8 * s + l) };
+                            let c =
+                                unsafe { *acts.c32.get_unchecked((row * kb + b) * 64 + 8 * s + l) };
                             p = _mm256_sub_epi16(p, _mm256_set1_epi32(c));
                         }
                         *acc_r = _mm256_add_epi32(*acc_r, _mm256_madd_epi16(p, scv[s]));
@@ -318,11 +352,14 @@ unsafe fn half256<const Q: u8, const R: usize>(
                 }
             }
             for r in 0..R {
-                st[r][l] = _mm256_add_ps(st[r][l], _mm256_mul_ps(dr[r], _mm256_cvtepi32_ps(acc[r])));
+                st[r][l] =
+                    _mm256_add_ps(st[r][l], _mm256_mul_ps(dr[r], _mm256_cvtepi32_ps(acc[r])));
             }
         }
         if Q != Q6K {
-            let dminx = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk.add(doff + 32 + 16 * half) as *const _) });
+            let dminx = _mm256_cvtph_ps(unsafe {
+                _mm_loadu_si128(blk.add(doff + 32 + 16 * half) as *const _)
+            });
             let mut mp = [_mm256_setzero_si256(); 4];
             for (p, v) in mp.iter_mut().enumerate() {
                 let lo = _mm256_cvtepu8_epi32(ld8(mn + 32 * p));
@@ -347,6 +384,11 @@ unsafe fn half256<const Q: u8, const R: usize>(
             // SAFETY: 8 floats into the chosen half of a 16-float row.
             unsafe { _mm256_storeu_ps(x.as_mut_ptr().add(8 * half), *v) };
         }
-        finish_row(kt, &buf, 8 * half..8 * half + 8, &mut tile[r * COLS..(r + 1) * COLS]);
+        finish_row(
+            kt,
+            &buf,
+            8 * half..8 * half + 8,
+            &mut tile[r * COLS..(r + 1) * COLS],
+        );
     }
 }

@@ -233,9 +233,10 @@ impl QMatrix {
         let first = parts.first()?;
         let (qtype, k) = (first.qtype, first.k);
         let last = parts.len() - 1;
-        let ok = parts.iter().enumerate().all(|(i, p)| {
-            p.qtype == qtype && p.k == k && (i == last || p.n % COLS == 0)
-        });
+        let ok = parts
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.qtype == qtype && p.k == k && (i == last || p.n % COLS == 0));
         if !ok {
             return None;
         }
@@ -280,7 +281,9 @@ impl QMatrix {
                 let mut emit = |row0: usize, t: &[f32; COLS * 16]| store(row0, 16, &t[..]);
                 // SAFETY: `Isa::Amx` means AVX-512 VNNI and granted AMX; the u8 copy of the
                 // activations covers all m rows (checked above).
-                unsafe { amx::group_rows(self.qtype, self.group(g), acts, 0, amx_rows / 16, &mut emit) };
+                unsafe {
+                    amx::group_rows(self.qtype, self.group(g), acts, 0, amx_rows / 16, &mut emit)
+                };
             }
             let mut tile = [0f32; COLS * 8];
             let mut r0 = amx_rows;

@@ -41,7 +41,11 @@ pub(super) fn reference(qtype: QType, n: usize, k: usize, raw: &[u8], acts: &QAc
                             let hi = (qs[j] >> 4) as i32 - off;
                             s += lo * ab[j] as i32 + hi * ab[j + 16] as i32;
                         }
-                        let mw = if qtype == QType::Q4_1 { f16_at(blk, 2) } else { 0.0 };
+                        let mw = if qtype == QType::Q4_1 {
+                            f16_at(blk, 2)
+                        } else {
+                            0.0
+                        };
                         (s, mw)
                     }
                     QType::Q8_0 => {
@@ -104,9 +108,21 @@ pub(super) fn tile(
                 if qtype != QType::Q4_1 {
                     sumi -= corr;
                 }
-                let mw = if qtype == QType::Q4_1 { f16_at(blk, qb + 32 + 2 * c) } else { 0.0 };
+                let mw = if qtype == QType::Q4_1 {
+                    f16_at(blk, qb + 32 + 2 * c)
+                } else {
+                    0.0
+                };
                 let v = &mut tile[r * COLS + c];
-                *v = update(*v, qtype, sumi, f16_at(blk, qb + 2 * c), mw, acts.d[i], acts.s[i]);
+                *v = update(
+                    *v,
+                    qtype,
+                    sumi,
+                    f16_at(blk, qb + 2 * c),
+                    mw,
+                    acts.d[i],
+                    acts.s[i],
+                );
             }
         }
     }

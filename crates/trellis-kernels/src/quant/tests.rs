@@ -132,7 +132,11 @@ fn close_to_the_float_product() {
         for c in 0..n {
             let exact: f32 = (0..k).map(|i| deq[c * k + i] * x[i]).sum();
             let scale: f32 = (0..k).map(|i| (deq[c * k + i] * x[i]).abs()).sum();
-            assert!((got[c] - exact).abs() <= 0.02 * scale + 1e-4, "{q:?} col {c}: {} vs {exact}", got[c]);
+            assert!(
+                (got[c] - exact).abs() <= 0.02 * scale + 1e-4,
+                "{q:?} col {c}: {} vs {exact}",
+                got[c]
+            );
         }
     }
 }
@@ -154,7 +158,10 @@ fn concatenated_weights_equal_the_parts() {
     let mut rng = Rng(9);
     let k = 64;
     for q in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
-        let (ra, rb) = (random_blocks(q, 32, k, &mut rng), random_blocks(q, 21, k, &mut rng));
+        let (ra, rb) = (
+            random_blocks(q, 32, k, &mut rng),
+            random_blocks(q, 21, k, &mut rng),
+        );
         let a = QMatrix::from_gguf_blocks(q, 32, k, &ra).expect("a");
         let b = QMatrix::from_gguf_blocks(q, 21, k, &rb).expect("b");
         assert!(QMatrix::concat(&[&b, &a]).is_none(), "partial group first");
@@ -164,10 +171,19 @@ fn concatenated_weights_equal_the_parts() {
         acts.quantize(&x, k);
         let mut both = vec![0f32; 3 * 53];
         ab.matmul(&acts, &mut both);
-        let (wa, wb) = (matmul_ref(q, 32, k, &ra, &acts), matmul_ref(q, 21, k, &rb, &acts));
+        let (wa, wb) = (
+            matmul_ref(q, 32, k, &ra, &acts),
+            matmul_ref(q, 21, k, &rb, &acts),
+        );
         for r in 0..3 {
-            assert_eq!(bits(&both[r * 53..r * 53 + 32]), bits(&wa[r * 32..(r + 1) * 32]));
-            assert_eq!(bits(&both[r * 53 + 32..(r + 1) * 53]), bits(&wb[r * 21..(r + 1) * 21]));
+            assert_eq!(
+                bits(&both[r * 53..r * 53 + 32]),
+                bits(&wa[r * 32..(r + 1) * 32])
+            );
+            assert_eq!(
+                bits(&both[r * 53 + 32..(r + 1) * 53]),
+                bits(&wb[r * 21..(r + 1) * 21])
+            );
         }
     }
 }
@@ -176,7 +192,11 @@ fn concatenated_weights_equal_the_parts() {
 fn simd_quantization_equals_the_scalar_one() {
     let mut rng = Rng(3);
     let mut cases: Vec<Vec<f32>> = (0..2000)
-        .map(|i| (0..QK).map(|_| rng.f32() * (1 << (i % 12)) as f32).collect())
+        .map(|i| {
+            (0..QK)
+                .map(|_| rng.f32() * (1 << (i % 12)) as f32)
+                .collect()
+        })
         .collect();
     // Exact halves after scaling: amax 127 gives id = 1, so 0.5, 1.5, -2.5 are ties.
     let mut ties: Vec<f32> = (0..QK).map(|i| i as f32 - 15.5).collect();
@@ -192,7 +212,10 @@ fn simd_quantization_equals_the_scalar_one() {
         if isa() >= Isa::Avx512Vnni {
             // SAFETY: checked above.
             unsafe { x86::quantize_block_avx512(xs, &mut qb, &mut db, &mut sb, &mut ib) };
-            assert_eq!((qa, da.to_bits(), sa.to_bits(), ia), (qb, db.to_bits(), sb.to_bits(), ib));
+            assert_eq!(
+                (qa, da.to_bits(), sa.to_bits(), ia),
+                (qb, db.to_bits(), sb.to_bits(), ib)
+            );
         }
         let _ = (&mut qb, &mut db, &mut sb, &mut ib);
     }

@@ -254,9 +254,11 @@ unsafe fn half256<const Q: u8, const R: usize>(
             let sum = if Q == Q8_0 {
                 let mut sum = _mm256_setzero_si256();
                 for (s, v) in wv.iter().enumerate() {
-                    let a4 = _mm256_set1_epi32(unsafe { (a.add(4 * s) as *const i32).read_unaligned() });
+                    let a4 =
+                        _mm256_set1_epi32(unsafe { (a.add(4 * s) as *const i32).read_unaligned() });
                     // |w| · (a · sign(w)): at most 2 · 128 · 127 per i16, exact.
-                    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(*v, *v), _mm256_sign_epi8(a4, *v));
+                    let p =
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(*v, *v), _mm256_sign_epi8(a4, *v));
                     sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
                 }
                 sum
@@ -264,12 +266,16 @@ unsafe fn half256<const Q: u8, const R: usize>(
                 // 4-bit: eight i16 partial sums of at most 2 · 15 · 128 each fit in i16.
                 let mut s16 = _mm256_setzero_si256();
                 for (s, v) in wv.iter().enumerate() {
-                    let a4 = _mm256_set1_epi32(unsafe { (a.add(4 * s) as *const i32).read_unaligned() });
+                    let a4 =
+                        _mm256_set1_epi32(unsafe { (a.add(4 * s) as *const i32).read_unaligned() });
                     s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*v, a4));
                 }
                 let sum = _mm256_madd_epi16(s16, ones);
                 if Q == Q4_0 {
-                    _mm256_sub_epi32(sum, _mm256_set1_epi32(unsafe { *acts.isum.get_unchecked(i) } << shift))
+                    _mm256_sub_epi32(
+                        sum,
+                        _mm256_set1_epi32(unsafe { *acts.isum.get_unchecked(i) } << shift),
+                    )
                 } else {
                     sum
                 }
@@ -307,7 +313,12 @@ pub(super) unsafe fn quantize_block_avx512(
     use half::f16;
     assert!(xs.len() >= QK && qs.len() >= QK);
     // SAFETY: 32 floats are read from `xs` (checked above).
-    let (x0, x1) = unsafe { (_mm512_loadu_ps(xs.as_ptr()), _mm512_loadu_ps(xs.as_ptr().add(16))) };
+    let (x0, x1) = unsafe {
+        (
+            _mm512_loadu_ps(xs.as_ptr()),
+            _mm512_loadu_ps(xs.as_ptr().add(16)),
+        )
+    };
     // max(|x|) is exact whatever the order.
     let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
     let d = amax / 127.0;
@@ -332,7 +343,10 @@ pub(super) unsafe fn quantize_block_avx512(
     // SAFETY: 16 + 16 bytes are written to `qs` (checked above).
     unsafe {
         _mm_storeu_si128(qs.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
-        _mm_storeu_si128(qs.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtepi32_epi8(q1));
+        _mm_storeu_si128(
+            qs.as_mut_ptr().add(16) as *mut __m128i,
+            _mm512_cvtepi32_epi8(q1),
+        );
     }
     *d_out = d16.to_f32();
     *s_out = (f16::from_f32(sum as f32) * d16).to_f32();

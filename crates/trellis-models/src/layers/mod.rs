@@ -8,9 +8,9 @@
 mod step;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use trellis_kernels::quant::{KMatrix, KType, QMatrix, QType};
 use candle_core::{Module, Result, Tensor, bail};
 use serde::Deserialize;
+use trellis_kernels::quant::{KMatrix, KType, QMatrix, QType};
 use trellis_plugin::AttentionShape;
 
 use crate::error::{ModelError, Result as LoadResult};
@@ -54,9 +54,12 @@ enum Weight {
 /// Whether our quantized kernels are switched off (`TRELLIS_DISABLE_QUANT_KERNELS=1`, or the
 /// older `TRELLIS_DISABLE_Q4_1_KERNEL=1`): candle computes instead, for A/B comparisons.
 pub fn quant_kernels_disabled() -> bool {
-    ["TRELLIS_DISABLE_QUANT_KERNELS", "TRELLIS_DISABLE_Q4_1_KERNEL"]
-        .iter()
-        .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0"))
+    [
+        "TRELLIS_DISABLE_QUANT_KERNELS",
+        "TRELLIS_DISABLE_Q4_1_KERNEL",
+    ]
+    .iter()
+    .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0"))
 }
 
 /// The repacked form of a 2-D GGUF weight in a format our kernels compute (Q4_0, Q4_1, Q8_0,
@@ -82,14 +85,18 @@ fn pack(t: &QTensor) -> candle_core::Result<Option<step::Packed>> {
                 return Ok(None);
             }
             let data = t.data()?;
-            return Ok(KMatrix::from_gguf_blocks(ktype, n, k, &data).ok().map(step::Packed::K));
+            return Ok(KMatrix::from_gguf_blocks(ktype, n, k, &data)
+                .ok()
+                .map(step::Packed::K));
         }
     };
     if k % trellis_kernels::quant::QK != 0 {
         return Ok(None);
     }
     let data = t.data()?;
-    Ok(QMatrix::from_gguf_blocks(qtype, n, k, &data).ok().map(step::Packed::Q))
+    Ok(QMatrix::from_gguf_blocks(qtype, n, k, &data)
+        .ok()
+        .map(step::Packed::Q))
 }
 
 impl Linear {

@@ -13,7 +13,9 @@ use candle_core::{DType, Module, Result, Tensor, bail};
 use trellis_kernels::quant::{KMatrix, QActs, QActsK, QMatrix};
 use trellis_plugin::ForwardContext;
 
-use super::{Attention, DecoderLayer, Embedding, Linear, Mlp, RmsNorm, Rope, RotaryEmbedding, Weight};
+use super::{
+    Attention, DecoderLayer, Embedding, Linear, Mlp, RmsNorm, Rope, RotaryEmbedding, Weight,
+};
 
 /// The buffers of one step, reused by the next.
 #[derive(Debug, Default)]
@@ -69,7 +71,12 @@ struct Input<'a> {
 
 impl<'a> Input<'a> {
     fn new(x: &'a [f32], k: usize) -> Self {
-        Input { x, k, q8_1: false, q8_k: false }
+        Input {
+            x,
+            k,
+            q8_1: false,
+            q8_k: false,
+        }
     }
 
     fn rows(&self) -> usize {
@@ -99,7 +106,12 @@ fn packed_into(w: &Packed, inp: &mut Input<'_>, acts: &mut Acts, out: &mut Vec<f
 }
 
 /// `out = x Wᵀ (+ b)` for the rows of `inp`.
-fn linear_into(lin: &Linear, inp: &mut Input<'_>, acts: &mut Acts, out: &mut Vec<f32>) -> Result<()> {
+fn linear_into(
+    lin: &Linear,
+    inp: &mut Input<'_>,
+    acts: &mut Acts,
+    out: &mut Vec<f32>,
+) -> Result<()> {
     let rows = inp.rows();
     match &lin.weight {
         Weight::Packed(w) => packed_into(w, inp, acts, out),
@@ -126,7 +138,10 @@ pub(super) fn packed_forward(w: &Packed, x: &Tensor) -> Result<Tensor> {
         bail!("quantized matmul: a scalar input");
     };
     if k != w.in_features() {
-        bail!("quantized matmul: input has {k} features, the weight {}", w.in_features());
+        bail!(
+            "quantized matmul: input has {k} features, the weight {}",
+            w.in_features()
+        );
     }
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut out = Vec::new();
@@ -147,11 +162,17 @@ pub(super) fn stack(parts: &[&Linear]) -> Option<Packed> {
         })
         .collect();
     let packed = packed?;
-    let q: Option<Vec<&QMatrix>> = packed.iter().map(|p| if let Packed::Q(w) = p { Some(w) } else { None }).collect();
+    let q: Option<Vec<&QMatrix>> = packed
+        .iter()
+        .map(|p| if let Packed::Q(w) = p { Some(w) } else { None })
+        .collect();
     if let Some(q) = q {
         return QMatrix::concat(&q).map(Packed::Q);
     }
-    let k: Option<Vec<&KMatrix>> = packed.iter().map(|p| if let Packed::K(w) = p { Some(w) } else { None }).collect();
+    let k: Option<Vec<&KMatrix>> = packed
+        .iter()
+        .map(|p| if let Packed::K(w) = p { Some(w) } else { None })
+        .collect();
     KMatrix::concat(&k?).map(Packed::K)
 }
 
@@ -173,7 +194,12 @@ impl RmsNorm {
 
 impl Attention {
     /// `x += o_proj(attention(q, k, v))` for `normed` = the layer's normed input.
-    fn forward_step(&self, s: &mut StepScratch, rope: &Rope, ctx: &mut ForwardContext<'_>) -> Result<()> {
+    fn forward_step(
+        &self,
+        s: &mut StepScratch,
+        rope: &Rope,
+        ctx: &mut ForwardContext<'_>,
+    ) -> Result<()> {
         let h = self.cfg.hidden_size;
         let t = s.normed.len() / h;
         let (nh, nkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
@@ -185,7 +211,11 @@ impl Attention {
             None => {
                 // Three products, interleaved into the stacked layout.
                 s.qkv.resize(t * w, 0.0);
-                for (lin, off, len) in [(&self.q_proj, 0, nq), (&self.k_proj, nq, nk), (&self.v_proj, nq + nk, nk)] {
+                for (lin, off, len) in [
+                    (&self.q_proj, 0, nq),
+                    (&self.k_proj, nq, nk),
+                    (&self.v_proj, nq + nk, nk),
+                ] {
                     linear_into(lin, &mut inp, &mut s.acts, &mut s.proj)?;
                     for (row, src) in s.qkv.chunks_mut(w).zip(s.proj.chunks(len)) {
                         row[off..off + len].copy_from_slice(src);
@@ -207,12 +237,19 @@ impl Attention {
         let k = Tensor::from_vec(gather(nq, nk), (t, nkv, d), &dev)?;
         let v = Tensor::from_vec(gather(nq + nk, nk), (t, nkv, d), &dev)?;
         let Some(layer) = ctx.attn_layers.get_mut(self.layer_idx) else {
-            bail!("no attention layer {} in the forward context", self.layer_idx);
+            bail!(
+                "no attention layer {} in the forward context",
+                self.layer_idx
+            );
         };
         let out = layer.forward(&q, &k, &v, ctx.attn_metadata)?;
         let out: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         if out.len() != t * nq {
-            bail!("attention returned {} values, expected {}", out.len(), t * nq);
+            bail!(
+                "attention returned {} values, expected {}",
+                out.len(),
+                t * nq
+            );
         }
         let mut inp = Input::new(&out, nq);
         linear_into(&self.o_proj, &mut inp, &mut s.acts, &mut s.proj)?;
@@ -243,7 +280,8 @@ impl Mlp {
         for row in s.gate_up.chunks(2 * inter) {
             let (g, u) = row.split_at(inter);
             // candle's f32 SiLU, `v / (1 + e^-v)`, times `up`.
-            s.act.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+            s.act
+                .extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
         }
         let mut inp = Input::new(&s.act, inter);
         linear_into(&self.down_proj, &mut inp, &mut s.acts, &mut s.proj)?;
@@ -254,11 +292,17 @@ impl Mlp {
 
 impl DecoderLayer {
     /// Runs the layer on the hidden state `s.x` `[num_tokens, hidden]`, in place.
-    fn forward_step(&self, s: &mut StepScratch, rope: &Rope, ctx: &mut ForwardContext<'_>) -> Result<()> {
+    fn forward_step(
+        &self,
+        s: &mut StepScratch,
+        rope: &Rope,
+        ctx: &mut ForwardContext<'_>,
+    ) -> Result<()> {
         let h = self.self_attn.cfg.hidden_size;
         self.input_layernorm.forward_into(&s.x, &mut s.normed);
         self.self_attn.forward_step(s, rope, ctx)?;
-        self.post_attention_layernorm.forward_into(&s.x, &mut s.normed);
+        self.post_attention_layernorm
+            .forward_into(&s.x, &mut s.normed);
         self.mlp.forward_step(s, h)
     }
 }
@@ -278,7 +322,11 @@ pub fn decoder_forward(
     ctx: &mut ForwardContext<'_>,
 ) -> Result<Tensor> {
     if input_ids.len() != positions.len() {
-        bail!("{} input ids but {} positions", input_ids.len(), positions.len());
+        bail!(
+            "{} input ids but {} positions",
+            input_ids.len(),
+            positions.len()
+        );
     }
     let t = input_ids.len();
     let rows = ctx.logits_indices;
@@ -339,8 +387,25 @@ mod tests {
                 let mut xs = random(m * k, (m * 31 + k) as u64);
                 xs[0] = 0.0;
                 let x = Tensor::from_vec(xs, (m, k), &Device::Cpu).unwrap();
-                let want: Vec<u32> = candle.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
-                let got: Vec<u32> = super::packed_forward(&ours, &x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
+                let want: Vec<u32> = candle
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                let got: Vec<u32> = super::packed_forward(&ours, &x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
                 assert_eq!(got, want, "n={n} k={k} m={m}");
             }
         }
@@ -362,13 +427,24 @@ mod tests {
 
         const DTYPES: [GgmlDType; 3] = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
 
-        fn reference_of<T: GgmlType<VecDotType = BlockQ8K>>(q: &QTensor, n: usize, k: usize, xs: &[f32]) -> Vec<f32> {
+        fn reference_of<T: GgmlType<VecDotType = BlockQ8K>>(
+            q: &QTensor,
+            n: usize,
+            k: usize,
+            xs: &[f32],
+        ) -> Vec<f32> {
             let data = q.data().unwrap();
             let kb = k / 256;
             let mut blocks = vec![T::zeros(); n * kb];
             assert_eq!(data.len(), std::mem::size_of_val(blocks.as_slice()));
             // SAFETY: `blocks` is `data.len()` bytes of plain-old-data `repr(C)` blocks.
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), blocks.as_mut_ptr() as *mut u8, data.len()) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    data.as_ptr(),
+                    blocks.as_mut_ptr() as *mut u8,
+                    data.len(),
+                )
+            };
             let m = xs.len() / k;
             let mut out = vec![0f32; m * n];
             for r in 0..m {
@@ -391,7 +467,12 @@ mod tests {
 
         fn ours(q: &QTensor, x: &Tensor) -> Vec<f32> {
             let w = super::super::super::pack(q).unwrap().expect("packed");
-            super::super::packed_forward(&w, x).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            super::super::packed_forward(&w, x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
         }
 
         fn bits(v: &[f32]) -> Vec<u32> {
@@ -402,7 +483,8 @@ mod tests {
         fn kquants_bit_identical_to_candle_reference_for_any_batch() {
             for dt in DTYPES {
                 for &(n, k) in &[(5usize, 256usize), (33, 512), (16, 1536), (7, 2816)] {
-                    let w = Tensor::from_vec(random(n * k, n as u64 + 3), (n, k), &Device::Cpu).unwrap();
+                    let w = Tensor::from_vec(random(n * k, n as u64 + 3), (n, k), &Device::Cpu)
+                        .unwrap();
                     let q = QTensor::quantize(&w, dt).unwrap();
                     for m in [1usize, 2, 3, 17] {
                         let mut xs = random(m * k, (m * 31 + k) as u64);
@@ -419,19 +501,41 @@ mod tests {
         fn kquants_close_to_candle_qmatmul() {
             for dt in DTYPES {
                 for &(n, k) in &[(32usize, 512usize), (48, 1536)] {
-                    let w = Tensor::from_vec(random(n * k, n as u64 + 5), (n, k), &Device::Cpu).unwrap();
+                    let w = Tensor::from_vec(random(n * k, n as u64 + 5), (n, k), &Device::Cpu)
+                        .unwrap();
                     let q = QTensor::quantize(&w, dt).unwrap();
-                    let wmax = q.dequantize(&Device::Cpu).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    let wmax = q
+                        .dequantize(&Device::Cpu)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
                     let q2 = QTensor::quantize(&w, dt).unwrap();
                     let candle = QMatMul::from_qtensor(q2).unwrap();
                     for m in [1usize, 5] {
                         let xs = random(m * k, (m * 7 + k) as u64);
                         let x = Tensor::from_vec(xs.clone(), (m, k), &Device::Cpu).unwrap();
                         let got = ours(&q, &x);
-                        let want: Vec<f32> = candle.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                        let want: Vec<f32> = candle
+                            .forward(&x)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap();
                         for (i, (g, c)) in got.iter().zip(&want).enumerate() {
-                            let scale: f32 = xs[(i / n) * k..(i / n + 1) * k].iter().map(|v| v.abs()).sum::<f32>() * wmax;
-                            assert!((g - c).abs() <= 1e-5 * scale, "{dt:?} n={n} k={k} m={m} #{i}: {g} vs {c}");
+                            let scale: f32 = xs[(i / n) * k..(i / n + 1) * k]
+                                .iter()
+                                .map(|v| v.abs())
+                                .sum::<f32>()
+                                * wmax;
+                            assert!(
+                                (g - c).abs() <= 1e-5 * scale,
+                                "{dt:?} n={n} k={k} m={m} #{i}: {g} vs {c}"
+                            );
                         }
                     }
                 }
@@ -471,7 +575,9 @@ mod tests {
                     let q40 = time(&|| {
                         super::super::packed_forward(&packed40, &x).unwrap();
                     });
-                    println!("Q4_K [{n}, {k}] m={m}: ours {ours:.0} µs, candle {theirs:.0} µs (our Q4_0: {q40:.0} µs)");
+                    println!(
+                        "Q4_K [{n}, {k}] m={m}: ours {ours:.0} µs, candle {theirs:.0} µs (our Q4_0: {q40:.0} µs)"
+                    );
                 }
             }
         }
