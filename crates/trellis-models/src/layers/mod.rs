@@ -40,7 +40,8 @@ fn check_shape(
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Weight,
-    bias: Option<Tensor>,
+    /// Added to every output row; read as f32 once at load (the step adds it in place).
+    bias: Option<Vec<f32>>,
 }
 
 /// A Linear's weight: repacked for our kernels (`trellis_kernels::quant`: Q4_0, Q4_1, Q8_0,
@@ -119,7 +120,11 @@ impl Linear {
             let name = format!("{prefix}.bias");
             let b = ws.tensor(&name)?;
             check_shape(ws, &name, b.dims(), &[out])?;
-            Some(b)
+            Some(
+                b.to_dtype(candle_core::DType::F32)
+                    .and_then(|b| b.to_vec1::<f32>())
+                    .map_err(|e| ModelError::candle(ws.path(), e))?,
+            )
         } else {
             None
         };
@@ -142,7 +147,7 @@ impl Linear {
             Weight::Packed(w) => step::packed_forward(w, x)?,
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&Tensor::from_slice(b, b.len(), y.device())?),
             None => Ok(y),
         }
     }
@@ -454,10 +459,6 @@ impl Mlp {
                 intermediate,
             )?,
         })
-    }
-
-    fn down_proj_in(&self) -> usize {
-        self.intermediate
     }
 }
 

@@ -123,9 +123,8 @@ fn linear_into(
         }
     }
     if let Some(b) = &lin.bias {
-        let b = b.to_vec1::<f32>()?;
         for row in out.chunks_mut(b.len()) {
-            row.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
+            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
         }
     }
     Ok(())
@@ -262,7 +261,7 @@ impl Mlp {
     /// `x += down(silu(gate(normed)) · up(normed))`.
     fn forward_step(&self, s: &mut StepScratch, hidden: usize) -> Result<()> {
         let mut inp = Input::new(&s.normed, hidden);
-        let inter = self.down_proj_in();
+        let inter = self.intermediate;
         match &self.gate_up {
             Some(gu) => packed_into(gu, &mut inp, &mut s.acts, &mut s.gate_up),
             None => {
