@@ -110,10 +110,15 @@ unsafe fn tile512<const Q: u8, const R: usize>(
         Q4_0 => 3,
         _ => 7,
     };
-    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc = [_mm512_setzero_ps(); 8];
     let wp = w.as_ptr();
-    let qs = acts.qs.as_ptr();
     let nib = _mm512_set1_epi8(0x0F);
+    // SAFETY (whole function): rows r0..r0+R exist in `acts` (caller), so the row pointers
+    // and the per-block offsets below stay inside `qs`, `d`, `s` and `isum`.
+    let qs = unsafe { acts.qs.as_ptr().add(r0 * k) };
+    let dp = unsafe { acts.d.as_ptr().add(r0 * kb) };
+    let sp = unsafe { acts.s.as_ptr().add(r0 * kb) };
+    let ip = unsafe { acts.isum.as_ptr().add(r0 * kb) };
     for b in 0..kb {
         // SAFETY (whole block): offsets stay inside the group (`kb` blocks of `gbb` bytes)
         // and inside the activation rows (`k` quants and `kb` scales per row).
@@ -137,31 +142,43 @@ unsafe fn tile512<const Q: u8, const R: usize>(
         } else {
             _mm512_setzero_ps()
         };
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            let row = r0 + r;
-            let i = row * kb + b;
-            let a = unsafe { qs.add(row * k + b * QK) };
-            let mut sum = if Q == Q4_1 {
+        // One row: two independent chains of four `vpdpbusd` (integer sums are exact, so the
+        // split changes nothing), then the reference float expression.
+        let row = |r: usize, acc: __m512| -> __m512 {
+            let a = unsafe { qs.add(r * k + b * QK) } as *const i32;
+            let bc = |s: usize| _mm512_set1_epi32(unsafe { a.add(s).read_unaligned() });
+            let mut s0 = if Q == Q4_1 {
                 _mm512_setzero_si512()
             } else {
-                _mm512_set1_epi32(-(unsafe { *acts.isum.get_unchecked(i) } << shift))
+                _mm512_set1_epi32(-(unsafe { *ip.add(r * kb + b) } << shift))
             };
-            for (s, v) in wv.iter().enumerate() {
-                let a4 = unsafe { (a.add(4 * s) as *const i32).read_unaligned() };
-                sum = _mm512_dpbusd_epi32(sum, *v, _mm512_set1_epi32(a4));
-            }
-            let da = _mm512_set1_ps(unsafe { *acts.d.get_unchecked(i) });
+            let mut s1 = _mm512_setzero_si512();
+            s0 = _mm512_dpbusd_epi32(s0, wv[0], bc(0));
+            s1 = _mm512_dpbusd_epi32(s1, wv[1], bc(1));
+            s0 = _mm512_dpbusd_epi32(s0, wv[2], bc(2));
+            s1 = _mm512_dpbusd_epi32(s1, wv[3], bc(3));
+            s0 = _mm512_dpbusd_epi32(s0, wv[4], bc(4));
+            s1 = _mm512_dpbusd_epi32(s1, wv[5], bc(5));
+            s0 = _mm512_dpbusd_epi32(s0, wv[6], bc(6));
+            s1 = _mm512_dpbusd_epi32(s1, wv[7], bc(7));
+            let sum = _mm512_add_epi32(s0, s1);
+            let da = _mm512_set1_ps(unsafe { *dp.add(r * kb + b) });
             let t = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), dw), da);
             let t = if Q == Q4_1 {
-                let sa = _mm512_set1_ps(unsafe { *acts.s.get_unchecked(i) });
+                let sa = _mm512_set1_ps(unsafe { *sp.add(r * kb + b) });
                 _mm512_add_ps(t, _mm512_mul_ps(mw, sa))
             } else {
                 t
             };
-            *acc_r = _mm512_add_ps(*acc_r, t);
+            _mm512_add_ps(acc, t)
+        };
+        // Constant indices only, so the accumulators stay in registers.
+        macro_rules! rows {
+            ($($r:literal)*) => { $( if R > $r { acc[$r] = row($r, acc[$r]); } )* };
         }
+        rows!(0 1 2 3 4 5 6 7);
     }
-    for (r, a) in acc.iter().enumerate() {
+    for (r, a) in acc.iter().enumerate().take(R) {
         // SAFETY: 16 floats into row r of the 8 × 16 tile.
         unsafe { _mm512_storeu_ps(tile.as_mut_ptr().add(r * COLS), *a) };
     }
