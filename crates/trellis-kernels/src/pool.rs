@@ -189,6 +189,54 @@ impl Pool {
             f(start..(start + chunk).min(len))
         });
     }
+
+    /// Runs `f(first_row, rows)` over `data` cut into runs of whole rows of `width` elements:
+    /// on the pool (about four runs per thread) when `data` has at least
+    /// [`PAR_ROWS_MIN_ELEMS`] elements and more than one row, else as one run on the caller.
+    /// Each run is a disjoint `&mut` part of `data`; `f` may read anything else by row index.
+    ///
+    /// # Panics
+    /// When `width` is zero or `data.len()` is not a multiple of it (a caller bug).
+    pub fn for_rows_mut<T: Send, F: Fn(usize, &mut [T]) + Sync>(
+        &self,
+        data: &mut [T],
+        width: usize,
+        f: F,
+    ) {
+        assert!(width > 0 && data.len().is_multiple_of(width), "row width");
+        let rows = data.len() / width;
+        if rows <= 1 || data.len() < PAR_ROWS_MIN_ELEMS || self.workers.is_empty() {
+            f(0, data);
+            return;
+        }
+        let per = rows.div_ceil(self.threads() * 4);
+        let base = RowsPtr(data.as_mut_ptr());
+        self.run(rows.div_ceil(per), |item| {
+            let r0 = item * per;
+            let n = per.min(rows - r0);
+            // SAFETY: items cover disjoint row ranges inside `data`, which stays mutably
+            // borrowed (and alive) until `run` returns.
+            let part = unsafe { std::slice::from_raw_parts_mut(base.at(r0 * width), n * width) };
+            f(r0, part)
+        });
+    }
+}
+
+/// Elements below which [`Pool::for_rows_mut`] runs on the caller: a parallel loop costs a
+/// few microseconds, worth it only for prefill-sized row sets.
+pub const PAR_ROWS_MIN_ELEMS: usize = 1 << 14;
+
+/// A row pointer shared with the pool's threads by [`Pool::for_rows_mut`].
+struct RowsPtr<T>(*mut T);
+// SAFETY: only used to hand disjoint sub-slices of one `&mut [T]` (T: Send) to the threads.
+unsafe impl<T: Send> Sync for RowsPtr<T> {}
+impl<T> RowsPtr<T> {
+    /// # Safety
+    /// `off` is inside the slice the pointer came from.
+    unsafe fn at(&self, off: usize) -> *mut T {
+        // SAFETY: forwarded.
+        unsafe { self.0.add(off) }
+    }
 }
 
 impl Drop for Pool {
@@ -277,6 +325,22 @@ mod tests {
             sum.fetch_add(r.map(|i| i + 1).sum::<usize>(), Ordering::Relaxed);
         });
         assert_eq!(sum.load(Ordering::Relaxed), 1001 * 1002 / 2);
+    }
+
+    #[test]
+    fn row_runs_cover_every_row_once() {
+        let pool = Pool::new(3);
+        for (rows, width) in [(1usize, 5usize), (3, 7), (100, 300), (1000, 64)] {
+            let mut data = vec![0usize; rows * width];
+            pool.for_rows_mut(&mut data, width, |r0, part| {
+                for (i, row) in part.chunks_mut(width).enumerate() {
+                    row.iter_mut().for_each(|v| *v += r0 + i + 1);
+                }
+            });
+            for (r, row) in data.chunks(width).enumerate() {
+                assert!(row.iter().all(|&v| v == r + 1), "rows {rows} width {width}");
+            }
+        }
     }
 
     #[test]

@@ -372,41 +372,40 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Rotates, in place, `heads` heads of `head_dim` values that start at `offset` in every
-    /// row of `buf` (rows of `row_stride` values, row `t` at the angles of position `t`).
-    pub fn apply_rows(
-        &self,
-        buf: &mut [f32],
-        row_stride: usize,
-        offset: usize,
-        heads: usize,
-        d: usize,
-    ) -> Result<()> {
+    /// Checks that the tables cover `rows` tokens and that heads of `d` values can hold the
+    /// rotary dimensions.
+    pub fn check(&self, rows: usize, d: usize) -> Result<()> {
         let half = self.rotary_dim / 2;
-        let t = buf.len() / row_stride.max(1);
-        if self.cos.len() != t * half || self.rotary_dim > d || offset + heads * d > row_stride {
+        if self.cos.len() < rows * half || self.rotary_dim > d {
             bail!(
-                "rope: tables for {} tokens of dim {} do not fit {t} rows of {heads} heads of {d}",
+                "rope: tables for {} tokens of dim {} do not fit {rows} rows of heads of {d}",
                 self.cos.len() / half.max(1),
                 self.rotary_dim,
             );
         }
-        for (tok, row) in buf.chunks_mut(row_stride).enumerate() {
-            let cos = &self.cos[tok * half..][..half];
-            let sin = &self.sin[tok * half..][..half];
-            for head in row[offset..offset + heads * d].chunks_mut(d) {
-                for i in 0..half {
-                    let (a, b) = match self.style {
-                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                        RopeStyle::HalfSplit => (i, i + half),
-                    };
-                    let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * cos[i] - x1 * sin[i];
-                    head[b] = x0 * sin[i] + x1 * cos[i];
-                }
+        Ok(())
+    }
+
+    /// Rotates, in place, the heads of `d` values in `heads` (a whole number of heads) at the
+    /// angles of the step's token `tok`.
+    ///
+    /// # Panics
+    /// When [`Rope::check`] would fail for `tok + 1` rows and `d` (a caller bug).
+    pub fn rotate_heads(&self, heads: &mut [f32], d: usize, tok: usize) {
+        let half = self.rotary_dim / 2;
+        let cos = &self.cos[tok * half..][..half];
+        let sin = &self.sin[tok * half..][..half];
+        for head in heads.chunks_mut(d) {
+            for i in 0..half {
+                let (a, b) = match self.style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::HalfSplit => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
             }
         }
-        Ok(())
     }
 }
 

@@ -9,7 +9,8 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Module, Result, Tensor, bail};
+use candle_core::{CpuStorage, DType, Module, Result, Storage, Tensor, bail};
+use trellis_kernels::pool;
 use trellis_kernels::quant::{KMatrix, QActs, QActsK, QMatrix};
 use trellis_plugin::ForwardContext;
 
@@ -176,18 +177,20 @@ pub(super) fn stack(parts: &[&Linear]) -> Option<Packed> {
 }
 
 impl RmsNorm {
-    /// Normalises the rows of `x` into `out`.
+    /// Normalises the rows of `x` into `out` (rows in parallel for large batches).
     fn forward_into(&self, x: &[f32], out: &mut Vec<f32>) {
         let n = self.weight.len();
-        out.clear();
-        out.extend_from_slice(x);
-        for row in out.chunks_mut(n) {
-            let ss: f64 = row.iter().map(|&v| (v * v) as f64).sum();
-            let scale = 1.0 / ((ss / n as f64) as f32 + self.eps as f32).sqrt();
-            for (v, w) in row.iter_mut().zip(&self.weight) {
-                *v = (*v * scale) * w;
+        out.resize(x.len(), 0.0);
+        pool::global().for_rows_mut(out, n, |r0, part| {
+            for (i, row) in part.chunks_mut(n).enumerate() {
+                let src = &x[(r0 + i) * n..][..n];
+                let ss: f64 = src.iter().map(|&v| (v * v) as f64).sum();
+                let scale = 1.0 / ((ss / n as f64) as f32 + self.eps as f32).sqrt();
+                for ((o, &v), w) in row.iter_mut().zip(src).zip(&self.weight) {
+                    *o = (v * scale) * w;
+                }
             }
-        }
+        });
     }
 }
 
@@ -222,19 +225,27 @@ impl Attention {
                 }
             }
         }
-        rope.apply_rows(&mut s.qkv, w, 0, nh, d)?;
-        rope.apply_rows(&mut s.qkv, w, nq, nkv, d)?;
-        let gather = |off: usize, len: usize| -> Vec<f32> {
-            let mut v = Vec::with_capacity(t * len);
-            for row in s.qkv.chunks(w) {
-                v.extend_from_slice(&row[off..off + len]);
+        rope.check(t, d)?;
+        // q, k and v out of the stacked rows, q and k rotated on the way (rows in parallel).
+        let qkv = &s.qkv;
+        let part = |off: usize, len: usize, rotate: bool| -> Vec<f32> {
+            let mut dst = vec![0f32; t * len];
+            if len > 0 {
+                pool::global().for_rows_mut(&mut dst, len, |r0, rows| {
+                    for (i, row) in rows.chunks_mut(len).enumerate() {
+                        row.copy_from_slice(&qkv[(r0 + i) * w + off..][..len]);
+                        if rotate {
+                            rope.rotate_heads(row, d, r0 + i);
+                        }
+                    }
+                });
             }
-            v
+            dst
         };
         let dev = candle_core::Device::Cpu;
-        let q = Tensor::from_vec(gather(0, nq), (t, nh, d), &dev)?;
-        let k = Tensor::from_vec(gather(nq, nk), (t, nkv, d), &dev)?;
-        let v = Tensor::from_vec(gather(nq + nk, nk), (t, nkv, d), &dev)?;
+        let q = Tensor::from_vec(part(0, nq, true), (t, nh, d), &dev)?;
+        let k = Tensor::from_vec(part(nq, nk, true), (t, nkv, d), &dev)?;
+        let v = Tensor::from_vec(part(nq + nk, nk, false), (t, nkv, d), &dev)?;
         let Some(layer) = ctx.attn_layers.get_mut(self.layer_idx) else {
             bail!(
                 "no attention layer {} in the forward context",
@@ -242,17 +253,23 @@ impl Attention {
             );
         };
         let out = layer.forward(&q, &k, &v, ctx.attn_metadata)?;
-        let out: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        if out.len() != t * nq {
+        if out.elem_count() != t * nq {
             bail!(
                 "attention returned {} values, expected {}",
-                out.len(),
+                out.elem_count(),
                 t * nq
             );
         }
-        let mut inp = Input::new(&out, nq);
+        // Read in place when the backend returns a contiguous f32 tensor (CPU backends do).
+        let out = out.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = out.storage_and_layout();
+        let vals: &[f32] = match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[layout.start_offset()..][..t * nq],
+            _ => bail!("attention returned a tensor off the CPU"),
+        };
+        let mut inp = Input::new(vals, nq);
         linear_into(&self.o_proj, &mut inp, &mut s.acts, &mut s.proj)?;
-        s.x.iter_mut().zip(&s.proj).for_each(|(x, o)| *x += o);
+        add_rows(&mut s.x, &s.proj, h);
         Ok(())
     }
 }
@@ -275,18 +292,37 @@ impl Mlp {
                 }
             }
         }
-        s.act.clear();
-        for row in s.gate_up.chunks(2 * inter) {
-            let (g, u) = row.split_at(inter);
-            // candle's f32 SiLU, `v / (1 + e^-v)`, times `up`.
-            s.act
-                .extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+        let t = s.gate_up.len() / (2 * inter).max(1);
+        s.act.resize(t * inter, 0.0);
+        let gate_up = &s.gate_up;
+        if inter > 0 {
+            pool::global().for_rows_mut(&mut s.act, inter, |r0, rows| {
+                for (i, row) in rows.chunks_mut(inter).enumerate() {
+                    let (g, u) = gate_up[(r0 + i) * 2 * inter..][..2 * inter].split_at(inter);
+                    // candle's f32 SiLU, `v / (1 + e^-v)`, times `up`.
+                    for ((a, &g), &u) in row.iter_mut().zip(g).zip(u) {
+                        *a = g / (1.0 + (-g).exp()) * u;
+                    }
+                }
+            });
         }
         let mut inp = Input::new(&s.act, inter);
         linear_into(&self.down_proj, &mut inp, &mut s.acts, &mut s.proj)?;
-        s.x.iter_mut().zip(&s.proj).for_each(|(x, o)| *x += o);
+        add_rows(&mut s.x, &s.proj, hidden);
         Ok(())
     }
+}
+
+/// `x += y` over rows of `width` (rows in parallel for large batches).
+fn add_rows(x: &mut [f32], y: &[f32], width: usize) {
+    if width == 0 {
+        return;
+    }
+    pool::global().for_rows_mut(x, width, |r0, rows| {
+        rows.iter_mut()
+            .zip(&y[r0 * width..])
+            .for_each(|(x, y)| *x += y);
+    });
 }
 
 impl DecoderLayer {
