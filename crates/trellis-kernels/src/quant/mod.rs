@@ -342,16 +342,19 @@ where
             let mut store = |row0: usize, rows: usize, tile: &[f32]| {
                 assert!(row0 + rows <= m && tile.len() >= rows * COLS);
                 for r in 0..rows {
+                    let dst = out_ptr.get().wrapping_add((row0 + r) * n + g * COLS);
                     // SAFETY: `out` has m × n elements (asserted) and lives until `run`
                     // returns; each (row, column) is written by exactly one item (groups are
-                    // split between items).
+                    // split between items). A whole group is a fixed-size copy (two vector
+                    // moves, not a call to memmove per row).
                     unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            tile[r * COLS..].as_ptr(),
-                            out_ptr.get().add((row0 + r) * n + g * COLS),
-                            cols,
-                        )
-                    };
+                        if cols == COLS {
+                            (dst as *mut [f32; COLS])
+                                .write_unaligned(*(tile[r * COLS..].as_ptr() as *const [f32; COLS]));
+                        } else {
+                            std::ptr::copy_nonoverlapping(tile[r * COLS..].as_ptr(), dst, cols);
+                        }
+                    }
                 }
             };
             group(g, &mut store);
