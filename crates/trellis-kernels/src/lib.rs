@@ -11,7 +11,9 @@
 //!   reference's float expression, so results are bit-identical across instruction sets and
 //!   batch sizes.
 //! - [`cpu`]: run-time CPU feature detection.
+//! - [`act`]: element-wise activations (SiLU·up) with one polynomial `exp` on every ISA.
 
+pub mod act;
 pub mod cpu;
 pub mod pool;
 pub mod quant;

@@ -349,8 +349,9 @@ where
                     // moves, not a call to memmove per row).
                     unsafe {
                         if cols == COLS {
-                            (dst as *mut [f32; COLS])
-                                .write_unaligned(*(tile[r * COLS..].as_ptr() as *const [f32; COLS]));
+                            (dst as *mut [f32; COLS]).write_unaligned(
+                                *(tile[r * COLS..].as_ptr() as *const [f32; COLS]),
+                            );
                         } else {
                             std::ptr::copy_nonoverlapping(tile[r * COLS..].as_ptr(), dst, cols);
                         }
