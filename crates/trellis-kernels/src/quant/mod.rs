@@ -472,6 +472,69 @@ impl QActs {
         }
     }
 
+    /// Produces and quantizes rows in one pass: `produce(first_row, rows)` writes whole rows
+    /// of `x` (`[m, k]`, `k` a multiple of 32), and each run of rows is quantized right after,
+    /// while it is still in cache (fused RMSNorm + quantize). Runs over rows on the compute
+    /// pool; the result equals `produce` over all of `x` followed by [`QActs::quantize`].
+    ///
+    /// # Panics
+    /// When `k` is not a multiple of 32 or `x.len()` is not a multiple of `k`.
+    pub fn quantize_rows_with<F: Fn(usize, &mut [f32]) + Sync>(
+        &mut self,
+        x: &mut [f32],
+        k: usize,
+        produce: F,
+    ) {
+        assert!(
+            k > 0 && k.is_multiple_of(QK) && x.len().is_multiple_of(k),
+            "activation shape"
+        );
+        let m = x.len() / k;
+        let kb = k / QK;
+        self.m = m;
+        self.k = k;
+        self.qs.resize(m * k, 0);
+        self.d.resize(m * kb, 0.0);
+        self.s.resize(m * kb, 0.0);
+        self.isum.resize(m * kb, 0);
+        let ptrs = (
+            SendPtr(self.qs.as_mut_ptr() as *mut f32),
+            SendPtr(self.d.as_mut_ptr()),
+            SendPtr(self.s.as_mut_ptr()),
+            SendPtr(self.isum.as_mut_ptr() as *mut f32),
+        );
+        let use_isa = isa();
+        pool::global().for_rows_mut(x, k, |r0, rows| {
+            produce(r0, rows);
+            for (j, xs) in rows.chunks(QK).enumerate() {
+                let bi = r0 * kb + j;
+                // SAFETY: block `bi` belongs to this run's rows, which no other run touches;
+                // the slices are within the buffers resized above, alive until the loop ends.
+                let (qs, d, s, isum) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut((ptrs.0.get() as *mut i8).add(bi * QK), QK),
+                        &mut *ptrs.1.get().add(bi),
+                        &mut *ptrs.2.get().add(bi),
+                        &mut *(ptrs.3.get() as *mut i32).add(bi),
+                    )
+                };
+                match use_isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the CPU has AVX-512 F/BW/VL (`isa()` checked at run time).
+                    Isa::Avx512Vnni | Isa::Amx => unsafe {
+                        x86::quantize_block_avx512(xs, qs, d, s, isum)
+                    },
+                    _ => quantize_block(xs, qs, d, s, isum),
+                }
+            }
+        });
+        if use_isa == Isa::Amx && m >= 16 {
+            self.fill_u8();
+        } else {
+            self.qs_u8.clear();
+        }
+    }
+
     /// Fills the `u8` copy that AMX tiles read (`q + 128`).
     fn fill_u8(&mut self) {
         self.qs_u8.resize(self.qs.len(), 0);

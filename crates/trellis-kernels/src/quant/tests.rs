@@ -220,3 +220,28 @@ fn simd_quantization_equals_the_scalar_one() {
         let _ = (&mut qb, &mut db, &mut sb, &mut ib);
     }
 }
+
+#[test]
+fn fused_produce_and_quantize_equals_the_two_passes() {
+    let mut rng = Rng(77);
+    for (m, k) in [(1usize, 64usize), (3, 576), (300, 576)] {
+        let src: Vec<f32> = (0..m * k).map(|_| rng.f32() * 8.0).collect();
+        let mut two = QActs::new();
+        let doubled: Vec<f32> = src.iter().map(|v| v * 2.0).collect();
+        two.quantize(&doubled, k);
+        let mut fused = QActs::new();
+        let mut out = vec![0f32; m * k];
+        fused.quantize_rows_with(&mut out, k, |r0, rows| {
+            for (o, v) in rows.iter_mut().zip(&src[r0 * k..]) {
+                *o = v * 2.0;
+            }
+        });
+        assert_eq!(bits(&out), bits(&doubled));
+        assert_eq!((fused.m, fused.k), (two.m, two.k));
+        assert_eq!(fused.qs, two.qs);
+        assert_eq!(bits(&fused.d), bits(&two.d));
+        assert_eq!(bits(&fused.s), bits(&two.s));
+        assert_eq!(fused.isum, two.isum);
+        assert_eq!(fused.qs_u8, two.qs_u8);
+    }
+}

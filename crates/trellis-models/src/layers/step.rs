@@ -80,6 +80,14 @@ impl<'a> Input<'a> {
         }
     }
 
+    /// Rows whose Q8_1 quantization `acts.q8_1` already holds when `q8_1`.
+    fn quantized(x: &'a [f32], k: usize, q8_1: bool) -> Self {
+        Input {
+            q8_1,
+            ..Input::new(x, k)
+        }
+    }
+
     fn rows(&self) -> usize {
         self.x.len() / self.k
     }
@@ -104,6 +112,13 @@ fn packed_into(w: &Packed, inp: &mut Input<'_>, acts: &mut Acts, out: &mut Vec<f
             w.matmul(&acts.q8_k, out);
         }
     }
+}
+
+/// Whether the first product on an input is on a Q4_0/Q4_1/Q8_0 weight (it reads Q8_1
+/// activations, which the layer's norm can then produce in the same pass).
+fn reads_q8_1(stacked: &Option<Packed>, first: &Linear) -> bool {
+    matches!(stacked, Some(Packed::Q(_)))
+        || (stacked.is_none() && matches!(first.weight, Weight::Packed(Packed::Q(_))))
 }
 
 /// `out = x Wᵀ (+ b)` for the rows of `inp`.
@@ -179,18 +194,51 @@ pub(super) fn stack(parts: &[&Linear]) -> Option<Packed> {
 impl RmsNorm {
     /// Normalises the rows of `x` into `out` (rows in parallel for large batches).
     fn forward_into(&self, x: &[f32], out: &mut Vec<f32>) {
-        let n = self.weight.len();
         out.resize(x.len(), 0.0);
-        pool::global().for_rows_mut(out, n, |r0, part| {
-            for (i, row) in part.chunks_mut(n).enumerate() {
-                let src = &x[(r0 + i) * n..][..n];
-                let ss: f64 = src.iter().map(|&v| (v * v) as f64).sum();
-                let scale = 1.0 / ((ss / n as f64) as f32 + self.eps as f32).sqrt();
-                for ((o, &v), w) in row.iter_mut().zip(src).zip(&self.weight) {
-                    *o = (v * scale) * w;
-                }
-            }
+        pool::global().for_rows_mut(out, self.weight.len(), |r0, part| {
+            self.norm_rows(x, r0, part)
         });
+    }
+
+    /// [`RmsNorm::forward_into`] fused with the Q8_1 quantization of the normed rows (one
+    /// pass over the rows, each quantized while still in cache).
+    fn forward_quantized(&self, x: &[f32], out: &mut Vec<f32>, acts: &mut QActs) {
+        out.resize(x.len(), 0.0);
+        acts.quantize_rows_with(out, self.weight.len(), |r0, part| {
+            self.norm_rows(x, r0, part)
+        });
+    }
+
+    /// Rows `first..` of `x` normalised into `out` (whole rows).
+    fn norm_rows(&self, x: &[f32], first: usize, out: &mut [f32]) {
+        let n = self.weight.len();
+        for (i, row) in out.chunks_mut(n).enumerate() {
+            let src = &x[(first + i) * n..][..n];
+            let ss: f64 = src.iter().map(|&v| (v * v) as f64).sum();
+            let scale = 1.0 / ((ss / n as f64) as f32 + self.eps as f32).sqrt();
+            for ((o, &v), w) in row.iter_mut().zip(src).zip(&self.weight) {
+                *o = (v * scale) * w;
+            }
+        }
+    }
+
+    /// Normalises `x` into `s.normed`, quantized too when `quantize` (the next products read
+    /// Q8_1): returns whether `s.acts` now holds the normed rows.
+    fn normalize(
+        &self,
+        x: &[f32],
+        s_normed: &mut Vec<f32>,
+        acts: &mut Acts,
+        quantize: bool,
+    ) -> bool {
+        let k = self.weight.len();
+        if quantize && k.is_multiple_of(trellis_kernels::quant::QK) {
+            self.forward_quantized(x, s_normed, &mut acts.q8_1);
+            true
+        } else {
+            self.forward_into(x, s_normed);
+            false
+        }
     }
 }
 
@@ -201,13 +249,14 @@ impl Attention {
         s: &mut StepScratch,
         rope: &Rope,
         ctx: &mut ForwardContext<'_>,
+        quantized: bool,
     ) -> Result<()> {
         let h = self.cfg.hidden_size;
         let t = s.normed.len() / h;
         let (nh, nkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let (nq, nk) = (nh * d, nkv * d);
         let w = nq + 2 * nk;
-        let mut inp = Input::new(&s.normed, h);
+        let mut inp = Input::quantized(&s.normed, h, quantized);
         match &self.qkv {
             Some(qkv) => packed_into(qkv, &mut inp, &mut s.acts, &mut s.qkv),
             None => {
@@ -276,8 +325,8 @@ impl Attention {
 
 impl Mlp {
     /// `x += down(silu(gate(normed)) · up(normed))`.
-    fn forward_step(&self, s: &mut StepScratch, hidden: usize) -> Result<()> {
-        let mut inp = Input::new(&s.normed, hidden);
+    fn forward_step(&self, s: &mut StepScratch, hidden: usize, quantized: bool) -> Result<()> {
+        let mut inp = Input::quantized(&s.normed, hidden, quantized);
         let inter = self.intermediate;
         match &self.gate_up {
             Some(gu) => packed_into(gu, &mut inp, &mut s.acts, &mut s.gate_up),
@@ -332,11 +381,21 @@ impl DecoderLayer {
         ctx: &mut ForwardContext<'_>,
     ) -> Result<()> {
         let h = self.self_attn.cfg.hidden_size;
-        self.input_layernorm.forward_into(&s.x, &mut s.normed);
-        self.self_attn.forward_step(s, rope, ctx)?;
-        self.post_attention_layernorm
-            .forward_into(&s.x, &mut s.normed);
-        self.mlp.forward_step(s, h)
+        let a = &self.self_attn;
+        let q = self.input_layernorm.normalize(
+            &s.x,
+            &mut s.normed,
+            &mut s.acts,
+            reads_q8_1(&a.qkv, &a.q_proj),
+        );
+        a.forward_step(s, rope, ctx, q)?;
+        let q = self.post_attention_layernorm.normalize(
+            &s.x,
+            &mut s.normed,
+            &mut s.acts,
+            reads_q8_1(&self.mlp.gate_up, &self.mlp.gate_proj),
+        );
+        self.mlp.forward_step(s, h, q)
     }
 }
 
