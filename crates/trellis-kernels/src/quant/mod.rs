@@ -326,7 +326,7 @@ impl QMatrix {
 /// The parallel driver of an `[m, n]` product over column groups: `group(g, store)` computes
 /// the rows of group `g` (any number of rows at a time) and hands each `[rows, 16]` tile to
 /// `store(first_row, rows, tile)`, which copies its existing columns into `out`. Items of a few
-/// contiguous groups, about four per thread, are claimed from the global pool.
+/// contiguous groups, 4 per thread (16 for 32 rows or more), are claimed from the global pool.
 pub(super) fn for_each_group<G>(n: usize, m: usize, out: &mut [f32], group: G)
 where
     G: Fn(usize, &mut dyn FnMut(usize, usize, &[f32])) + Sync,
@@ -334,7 +334,12 @@ where
     let groups = n.div_ceil(COLS);
     let out_ptr = SendPtr(out.as_mut_ptr());
     assert!(out.len() >= m * n, "output size");
-    let per = groups.div_ceil(pool::global().threads() * 4).clamp(1, 64);
+    // Many rows (prefill): small items, so that the threads finish together; few rows
+    // (decode): a few contiguous groups per item, for the weight prefetcher.
+    let per_thread = if m >= 32 { 16 } else { 4 };
+    let per = groups
+        .div_ceil(pool::global().threads() * per_thread)
+        .clamp(1, 64);
     pool::global().run(groups.div_ceil(per), |item| {
         let g0 = item * per;
         for g in g0..(g0 + per).min(groups) {
