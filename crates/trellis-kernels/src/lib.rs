@@ -11,9 +11,11 @@
 //!   reference's float expression, so results are bit-identical across instruction sets and
 //!   batch sizes.
 //! - [`cpu`]: run-time CPU feature detection.
+//! - [`peak`]: the measured int8 multiply-add rate of the cores (for benchmark reports).
 //! - [`act`]: element-wise activations (SiLU·up) with one polynomial `exp` on every ISA.
 
 pub mod act;
 pub mod cpu;
+pub mod peak;
 pub mod pool;
 pub mod quant;

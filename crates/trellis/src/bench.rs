@@ -15,7 +15,7 @@ use crate::machine::{self, Machine, ModelCost};
 fn probe(model: &Path) -> (Machine, Option<ModelCost>) {
     let m = Machine::probe();
     println!(
-        "Machine: {} threads ({}), {:.1} GB/s streaming read over {} MiB, nominal int8 peak {:.0} Gop/s",
+        "Machine: {} threads ({}), {:.1} GB/s streaming read over {} MiB, int8 peak {:.0} Gop/s",
         m.threads,
         trellis_kernels::cpu::feature_summary(),
         m.read_bytes_per_s / 1e9,
