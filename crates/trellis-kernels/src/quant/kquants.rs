@@ -428,7 +428,8 @@ impl QActsK {
             SendPtr(self.bs32.as_mut_ptr() as *mut f32),
             SendPtr(self.c32.as_mut_ptr() as *mut f32),
         );
-        pool::global().run_chunked(blocks, 8, |range| {
+        // At least 32 super-blocks per chunk: decode-sized batches run on the caller.
+        pool::global().run_chunked(blocks, 32, |range| {
             for bi in range {
                 // SAFETY: each block index is visited by exactly one item; the slices lie in
                 // the buffers resized above, alive until `run_chunked` returns.

@@ -447,7 +447,9 @@ impl QActs {
         );
         let blocks = m * kb;
         let use_isa = level.min(detected());
-        pool::global().run_chunked(blocks, 64, |range| {
+        // Chunks of at least 256 blocks (a few microseconds of work, about what a parallel
+        // loop costs): decode-sized batches are quantized on the caller.
+        pool::global().run_chunked(blocks, 256, |range| {
             for bi in range {
                 // SAFETY: each block index is visited by exactly one item; the slices are
                 // within the buffers resized above, alive until `run_chunked` returns.
