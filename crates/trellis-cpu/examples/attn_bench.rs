@@ -1,12 +1,17 @@
-//! Decode attention time per layer, `CPU_ATTN` vs `CPU_REFERENCE`, for the default model's
-//! shape (SmolLM2-135M: 9 query heads, 3 KV heads, head size 64, block size 16).
+//! Attention time per layer, `CPU_ATTN` vs `CPU_REFERENCE`, for the default model's shape
+//! (SmolLM2-135M: 9 query heads, 3 KV heads, head size 64, block size 16).
 //!
 //! ```text
-//! cargo run -p trellis-cpu --example attn_bench            # the ISA this CPU has
-//! TRELLIS_ISA=avx2 cargo run -p trellis-cpu --example attn_bench
+//! cargo run --release -p trellis-cpu --example attn_bench            # prefill and decode
+//! cargo run --release -p trellis-cpu --example attn_bench -- prefill # one mode only
+//! TRELLIS_ISA=avx2 cargo run --release -p trellis-cpu --example attn_bench -- decode
 //! ```
 //!
-//! For each context depth (tokens already cached: 0, 512, 4096) the cache is filled by one
+//! Prefill: one causal prompt of [`PROMPT`] tokens (the whole sequence in one step), timed
+//! over repeated calls; reported in ms per layer and GFLOP/s (`4 * heads * head size *
+//! Σ visible positions`: the multiply-adds of `q·k` and of `p·v`).
+//!
+//! Decode: for each context depth (tokens already cached: 0, 512, 4096) the cache is filled by one
 //! prefill, then a decode step of `batch` sequences (each sharing that prefix and writing its
 //! own next slot) is timed over repeated calls. Numbers are a report, not a test.
 
@@ -23,6 +28,8 @@ const H: usize = 9;
 const HKV: usize = 3;
 const D: usize = 64;
 const BS: usize = 16;
+/// Prompt length of the prefill mode.
+const PROMPT: usize = 512;
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed | 1;
@@ -77,6 +84,59 @@ fn decode_us(layer: &mut dyn AttentionImpl, depth: usize, batch: usize) -> Resul
     Ok(start.elapsed().as_secs_f64() * 1e6 / iters as f64)
 }
 
+/// Mean milliseconds of one causal prefill of `PROMPT` tokens (at least 0.5 s or 10 calls).
+fn prefill_ms(layer: &mut dyn AttentionImpl) -> Result<f64> {
+    let meta = AttentionMetadata {
+        block_size: BS,
+        slot_mapping: (0..PROMPT).collect(),
+        seqs: vec![SeqAttentionMetadata {
+            query_start: 0,
+            query_len: PROMPT,
+            context_len: PROMPT,
+            block_table: (0..PROMPT.div_ceil(BS) as u32).collect(),
+        }],
+    };
+    let (q, k, v) = inputs(PROMPT, 5)?;
+    layer.forward(&q, &k, &v, &meta)?;
+    let start = Instant::now();
+    let mut iters = 0u32;
+    while iters < 10 || start.elapsed().as_secs_f64() < 0.5 {
+        layer.forward(&q, &k, &v, &meta)?;
+        iters += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() * 1e3 / iters as f64)
+}
+
+fn prefill(shape: AttentionShape) -> Result<()> {
+    let flops = 4.0 * (H * D) as f64 * (PROMPT * (PROMPT + 1) / 2) as f64;
+    println!("prefill of {PROMPT} tokens (causal), per layer");
+    println!("backend         kv dtype  ms/layer  GFLOP/s");
+    let backends: [(&dyn AttentionBackend, DType); 4] = [
+        (&CpuReferenceBackend, DType::F32),
+        (&CpuAttnBackend, DType::F32),
+        (&CpuAttnBackend, DType::F16),
+        (&CpuAttnBackend, DType::BF16),
+    ];
+    for (backend, dtype) in backends {
+        let spec = KvCacheSpec {
+            num_blocks: PROMPT.div_ceil(BS),
+            block_size: BS,
+            num_kv_heads: HKV,
+            head_dim: D,
+            dtype,
+        };
+        let mut layer = backend.new_layer(&spec, shape, &Device::Cpu)?;
+        let ms = prefill_ms(layer.as_mut())?;
+        println!(
+            "{:<15} {:<9?} {ms:>8.3}  {:>7.1}",
+            backend.name(),
+            dtype,
+            flops / ms / 1e6
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let shape = AttentionShape {
         num_heads: H,
@@ -84,13 +144,24 @@ fn main() -> Result<()> {
         head_dim: D,
         scale: 1.0 / (D as f32).sqrt(),
     };
-    let batches = [1, 8];
+    let mode = std::env::args().nth(1).unwrap_or_default();
     println!(
-        "decode attention per layer: {H} heads, {HKV} KV heads, head size {D}, block {BS}; \
-         isa {}, {} threads",
+        "{H} heads, {HKV} KV heads, head size {D}, block {BS}; isa {}, {} threads",
         trellis_kernels::cpu::isa().name(),
         trellis_kernels::pool::global().threads()
     );
+    if mode != "decode" {
+        prefill(shape)?;
+    }
+    if mode != "prefill" {
+        decode(shape)?;
+    }
+    Ok(())
+}
+
+fn decode(shape: AttentionShape) -> Result<()> {
+    let batches = [1, 8];
+    println!("decode attention per layer");
     println!("depth  batch  backend         kv dtype  us/call");
     for depth in [0usize, 512, 4096] {
         let backends: [(&dyn AttentionBackend, DType); 4] = [
