@@ -5,6 +5,7 @@
 //! cargo run --release -p trellis-cpu --example attn_bench            # prefill and decode
 //! cargo run --release -p trellis-cpu --example attn_bench -- prefill # one mode only
 //! TRELLIS_ISA=avx2 cargo run --release -p trellis-cpu --example attn_bench -- decode
+//! cargo run --release -p trellis-cpu --example attn_bench -- decode 512  # one depth
 //! ```
 //!
 //! Prefill: one causal prompt of [`PROMPT`] tokens (the whole sequence in one step), timed
@@ -171,16 +172,21 @@ fn main() -> Result<()> {
         prefill(shape)?;
     }
     if mode != "prefill" {
-        decode(shape)?;
+        // `decode DEPTH` times that depth alone.
+        let depths = match std::env::args().nth(2).and_then(|d| d.parse().ok()) {
+            Some(depth) => vec![depth],
+            None => vec![0, 512, 4096],
+        };
+        decode(shape, &depths)?;
     }
     Ok(())
 }
 
-fn decode(shape: AttentionShape) -> Result<()> {
+fn decode(shape: AttentionShape, depths: &[usize]) -> Result<()> {
     let batches = [1, 8];
     println!("decode attention per layer");
     println!("depth  batch  backend         kv dtype  us/call");
-    for depth in [0usize, 512, 4096] {
+    for &depth in depths {
         let backends: [(&dyn AttentionBackend, DType); 4] = [
             (&CpuReferenceBackend, DType::F32),
             (&CpuAttnBackend, DType::F32),
