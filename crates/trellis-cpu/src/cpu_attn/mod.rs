@@ -3,13 +3,14 @@
 //!
 //! # Layout
 //!
-//! Each layer owns a K and a V cache of `[num_blocks, num_kv_heads, block_size, head_dim]`
-//! elements: inside a block, the `block_size` rows of one KV head are contiguous, so a
-//! sequence's keys for one head are read in place, a block at a time, straight from the
-//! block table (no gather, no copy). The element type is the [`KvCacheSpec::dtype`]: `F32`,
-//! `F16` or `BF16`. New keys and values arrive in f32 and are rounded to nearest even when
-//! stored; they are widened back to f32 as they are read. Queries, scores, accumulators and
-//! outputs are f32.
+//! Each layer owns a K and a V cache, `num_blocks` blocks of `num_kv_heads` heads each. Inside
+//! a block, one head's `block_size` values are a `[block_size, head_dim]` matrix (rows
+//! contiguous) and its keys a `[head_dim, block_size]` matrix (keys stored transposed, so that
+//! 16 consecutive positions of one dimension are one vector load): a sequence's keys and
+//! values are read in place, a block at a time, straight from the block table (no gather, no
+//! copy). The element type is the [`KvCacheSpec::dtype`]: `F32`, `F16` or `BF16`. New keys and
+//! values arrive in f32 and are rounded to nearest even when stored; they are widened back to
+//! f32 as they are read. Queries, scores, accumulators and outputs are f32.
 //!
 //! # Algorithm
 //!
@@ -20,16 +21,36 @@
 //! keeping per query head a running maximum `m`, a running sum `l` and an unnormalised f32
 //! output; when a tile raises the maximum, the sum and the output are rescaled by
 //! `exp(m_old - m_new)`. The query heads of one GQA group (and, in prefill, a few query rows)
-//! form the *lanes* that share each key and value row: a tile's rows are located once
-//! (walking the block table), widened once when the cache is f16/bf16, and used by every
-//! lane, lanes being at most [`MAX_LANES`] (or one row's group, if larger). Causality is per
-//! lane: a lane of the `i`-th new token sees `context_len - query_len + i + 1` positions; the
-//! weights of positions it does not see are zero.
+//! form the *lanes* that share each key and value row, at most [`MAX_LANES`] (or one row's
+//! group, if larger). Causality is per lane: a lane of the `i`-th new token sees
+//! `context_len - query_len + i + 1` positions; the weights of positions it does not see are
+//! zero, and lanes that see none of a tile skip it.
 //!
-//! Per tile: scores `scale * q·k` for every lane and row (four key rows per pass with one
-//! four-way horizontal sum), then per lane the tile maximum, the rescale and `exp` (a
-//! vectorised polynomial, within a few f32 ulps), then the weighted value rows added
-//! into the lanes' accumulators (held in registers across the tile's rows).
+//! Per tile, like a small GEMM: the scores of a block of up to 8 lanes against the tile's 32
+//! keys are accumulated in registers (per dimension, one load of 16 keys and one broadcast of
+//! each lane's query element; no horizontal sums), then per lane the tile maximum, the rescale
+//! factor and `exp` (a vectorised polynomial, within a few f32 ulps), then the weighted value
+//! rows added into blocks of up to 4 lanes' accumulators, rescaled as they are loaded and held
+//! in registers across the tile's rows. With f16/bf16 caches the kernels widen keys and values
+//! as they load them, or, when more than [`WIDEN_LANES`] lanes share the tile (prefill), the
+//! tile is widened once into f32 scratch first.
+//!
+//! The context is also cut into chunks of [`CHUNK`] positions counted from position 0: at
+//! each chunk boundary a lane's `(m, l, output)` is folded into its running result (rescaled to
+//! the larger maximum) and restarted. A long context of a short lane set (a decode) can thus be
+//! split into one work item per chunk, run in parallel, each writing its chunk's state, then
+//! merged by the same fold in chunk order (flash-decoding): the split changes which thread
+//! computes a chunk, never the arithmetic.
+//!
+//! # Batch invariance
+//!
+//! A row's result depends only on its query, its sequence's visible keys and values and the
+//! constants above: every score is one chain of multiply-adds over the head dimension whatever
+//! lanes share its block, every output element one chain over the tile's rows (zero weights
+//! of invisible positions add exactly nothing), tiles and chunks start at fixed multiples of
+//! [`TILE`] and [`CHUNK`], and the merge order is fixed. So the grouping of lanes into sets
+//! and blocks, the other sequences of the step, the number of threads and the decode split do
+//! not change a single bit of it (tests pin this).
 //!
 //! # SIMD and threads
 //!
@@ -38,17 +59,19 @@
 //! [`trellis_kernels::cpu::isa`] (`TRELLIS_ISA=avx2|scalar` caps it for comparisons); the
 //! binary itself assumes only SSE2. Each version of the per-lane-set loop is compiled inside
 //! a `#[target_feature]` function so the kernels inline into it. The work items are
-//! (sequence, KV head, tile of up to [`ROW_TILE`] query rows), run on
-//! [`trellis_kernels::pool::global`] (steps under [`SERIAL_WORK`] run on the calling
-//! thread); every item writes a disjoint set of output rows (the
-//! step is checked first: sequences may not overlap in the batch). Each thread keeps its
-//! scratch (accumulators, scores, a tile of widened rows) in a thread-local vector, so a call
-//! allocates only its output (the work-item list keeps its capacity in the layer).
+//! (sequence, KV head, tile of up to [`ROW_TILE`] query rows), or one chunk of such a lane
+//! set of at most [`SPLIT_ROWS`] rows when a step has fewer than [`SPLIT_ITEMS_PER_THREAD`]
+//! items per thread, run on [`trellis_kernels::pool::global`] (steps under [`SERIAL_WORK`]
+//! run on the calling thread), then the merges of split lane sets; every item writes a
+//! disjoint set of output rows or chunk states (the step is checked first: sequences may not
+//! overlap in the batch). Each thread keeps its scratch (queries, accumulators, scores, a tile
+//! of widened rows) in a thread-local vector, so a call allocates only its output (the
+//! work-item lists and chunk states keep their capacity in the layer).
 //!
 //! # Speed
 //!
-//! `cargo run -p trellis-cpu --example attn_bench` reports decode time per layer against
-//! `CPU_REFERENCE` for the default model's shape.
+//! `cargo run --release -p trellis-cpu --example attn_bench` reports prefill (a 512-token
+//! prompt) and decode time per layer against `CPU_REFERENCE` for the default model's shape.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -533,7 +556,13 @@ impl AttentionImpl for CpuAttnAttention {
             (0..merges.len()).for_each(run_merge);
         } else {
             pool.run(items.len(), run_item);
-            pool.run(merges.len(), run_merge);
+            // Merges are light (a few multiply-adds per chunk and output element): small ones
+            // are not worth waking the workers again.
+            if part_len < SERIAL_WORK {
+                (0..merges.len()).for_each(run_merge);
+            } else {
+                pool.run(merges.len(), run_merge);
+            }
         }
         self.items = items;
         self.merges = merges;
