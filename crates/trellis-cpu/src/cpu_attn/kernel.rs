@@ -379,22 +379,24 @@ pub(super) unsafe fn attend<K: Kernels, E: Elem>(
             l[lane] += unsafe { K::exp_sum(sl, new_m) };
         }
 
-        // Weighted values: the tile's rows (in place, or widened once for many lanes).
-        let (mut blk, mut within) = (p0 / bs, p0 % bs);
-        for j in 0..n {
-            let off = base(blk) + within * d;
-            if widen {
-                let dst = &mut vbuf[j * d..][..d];
-                // SAFETY: the caller guarantees `K`'s features.
-                unsafe { E::widen::<K>(&vc[off..off + d], dst) };
-                wrows[j] = dst.as_ptr();
-            } else {
-                vrows[j] = vc[off..off + d].as_ptr();
+        // Weighted values: the tile's rows (in place, or widened once for many lanes), a run
+        // of consecutive slots of one block at a time.
+        let (mut blk, mut within, mut j) = (p0 / bs, p0 % bs, 0);
+        while j < n {
+            let run = (bs - within).min(n - j);
+            let block = &vc[base(blk) + within * d..][..run * d];
+            for row in block.chunks_exact(d) {
+                if widen {
+                    let dst = &mut vbuf[j * d..][..d];
+                    // SAFETY: the caller guarantees `K`'s features.
+                    unsafe { E::widen::<K>(row, dst) };
+                    wrows[j] = dst.as_ptr();
+                } else {
+                    vrows[j] = row.as_ptr();
+                }
+                j += 1;
             }
-            within += 1;
-            if within == bs {
-                (blk, within) = (blk + 1, 0);
-            }
+            (blk, within) = (blk + 1, 0);
         }
         let (a, c, w) = (&mut acc[ls * d..], &corr[ls..], &s[ls * TILE..]);
         // SAFETY: the rows are `d` elements of the cache or of the value tile.
