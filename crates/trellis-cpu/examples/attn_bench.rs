@@ -6,6 +6,7 @@
 //! cargo run --release -p trellis-cpu --example attn_bench -- prefill # one mode only
 //! TRELLIS_ISA=avx2 cargo run --release -p trellis-cpu --example attn_bench -- decode
 //! cargo run --release -p trellis-cpu --example attn_bench -- decode 512  # one depth
+//! cargo run --release -p trellis-cpu --example attn_bench -- layers 512  # 30 layers in turn
 //! ```
 //!
 //! Prefill: one causal prompt of [`PROMPT`] tokens (the whole sequence in one step), timed
@@ -17,7 +18,9 @@
 //! Decode: for each context depth (tokens already cached: 0, 512, 4096) the cache is filled by
 //! one prefill, then a decode step of `batch` sequences (each sharing that prefix and writing
 //! its own next slot) is timed over repeated calls (fastest half, as above). Numbers are a
-//! report, not a test.
+//! report, not a test. `layers` decodes (batch 1) through 30 layers in turn, each with its own
+//! cache, so that the caches are read from where a model's step finds them (not the L1/L2 of
+//! one layer timed alone).
 
 use std::time::Instant;
 
@@ -57,7 +60,17 @@ fn inputs(tokens: usize, seed: u64) -> Result<(Tensor, Tensor, Tensor)> {
 }
 
 /// Mean microseconds of one decode call of `batch` sequences at `depth` cached tokens.
-fn decode_us(layer: &mut dyn AttentionImpl, depth: usize, batch: usize) -> Result<f64> {
+fn decode_us(layer: &mut Box<dyn AttentionImpl>, depth: usize, batch: usize) -> Result<f64> {
+    decode_layers_us(std::slice::from_mut(layer), depth, batch)
+}
+
+/// [`decode_us`] per layer over `layers` run in turn, as a model's step runs them (with
+/// [`LAYERS`] of them the caches do not all fit the CPU's private caches).
+fn decode_layers_us(
+    layers: &mut [Box<dyn AttentionImpl>],
+    depth: usize,
+    batch: usize,
+) -> Result<f64> {
     let prefix: Vec<u32> = (0..(depth / BS) as u32).collect();
     let mut meta = AttentionMetadata {
         block_size: BS,
@@ -76,21 +89,68 @@ fn decode_us(layer: &mut dyn AttentionImpl, depth: usize, batch: usize) -> Resul
         });
     }
     let (q, k, v) = inputs(batch, 99)?;
-    for _ in 0..5 {
+    for layer in layers.iter_mut() {
         layer.forward(&q, &k, &v, &meta)?;
     }
     // Batches of calls (one call can be shorter than the clock's resolution).
-    let per = 10;
+    let per = 10usize.div_ceil(layers.len()) * layers.len();
     let start = Instant::now();
     let mut times = Vec::new();
     while times.len() < 20 || (start.elapsed().as_secs_f64() < 0.5 && times.len() < 1000) {
         let t = Instant::now();
-        for _ in 0..per {
-            layer.forward(&q, &k, &v, &meta)?;
+        for i in 0..per {
+            layers[i % layers.len()].forward(&q, &k, &v, &meta)?;
         }
         times.push(t.elapsed().as_secs_f64() * 1e6 / per as f64);
     }
     Ok(robust(&mut times))
+}
+
+/// Layers of the default model: the `layers` mode decodes through this many.
+const LAYERS: usize = 30;
+
+/// Decode per layer through [`LAYERS`] layers of `CPU_ATTN`, each with its own cache filled
+/// to `depth`, as in a model's decode step.
+fn layers(shape: AttentionShape, depths: &[usize]) -> Result<()> {
+    println!("decode attention per layer, {LAYERS} layers in turn, batch 1");
+    println!("depth  backend         kv dtype  us/layer");
+    for &depth in depths {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let spec = KvCacheSpec {
+                num_blocks: depth / BS + 2,
+                block_size: BS,
+                num_kv_heads: HKV,
+                head_dim: D,
+                dtype,
+            };
+            let mut all = Vec::new();
+            for i in 0..LAYERS {
+                let mut layer = CpuAttnBackend.new_layer(&spec, shape, &Device::Cpu)?;
+                if depth > 0 {
+                    let (q, k, v) = inputs(depth, 7 + i as u64)?;
+                    let meta = AttentionMetadata {
+                        block_size: BS,
+                        slot_mapping: (0..depth).collect(),
+                        seqs: vec![SeqAttentionMetadata {
+                            query_start: 0,
+                            query_len: depth,
+                            context_len: depth,
+                            block_table: (0..(depth / BS) as u32).collect(),
+                        }],
+                    };
+                    layer.forward(&q, &k, &v, &meta)?;
+                }
+                all.push(layer);
+            }
+            let us = decode_layers_us(&mut all, depth, 1)?;
+            println!(
+                "{depth:>5}  {:<15} {:<9?} {us:.1}",
+                CpuAttnBackend.name(),
+                dtype
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Mean milliseconds of one causal prefill of `PROMPT` tokens (at least 0.5 s or 10 calls).
@@ -171,6 +231,13 @@ fn main() -> Result<()> {
     if mode != "decode" {
         prefill(shape)?;
     }
+    if mode == "layers" {
+        let depths = match std::env::args().nth(2).and_then(|d| d.parse().ok()) {
+            Some(depth) => vec![depth],
+            None => vec![0, 512, 4096],
+        };
+        return layers(shape, &depths);
+    }
     if mode != "prefill" {
         // `decode DEPTH` times that depth alone.
         let depths = match std::env::args().nth(2).and_then(|d| d.parse().ok()) {
@@ -224,7 +291,7 @@ fn decode(shape: AttentionShape, depths: &[usize]) -> Result<()> {
                 );
             }
             for batch in batches {
-                let us = decode_us(layer.as_mut(), depth, batch)?;
+                let us = decode_us(&mut layer, depth, batch)?;
                 println!(
                     "{depth:>5}  {batch:>5}  {:<15} {:<9?} {us:.1}",
                     backend.name(),
