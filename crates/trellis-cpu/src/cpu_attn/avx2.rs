@@ -189,6 +189,17 @@ unsafe fn pv256_lanes<E: Elem, const L: usize>(
 impl Kernels for Avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
+    unsafe fn prefetch(p: *const u8, bytes: usize) {
+        let mut off = 0;
+        while off < bytes {
+            // A hint: it never faults, whatever the address.
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
+            off += 64;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
     unsafe fn scores<E: Elem>(q: &[f32], d: usize, kt: KtTile<E::T>, scale: f32, out: &mut [f32]) {
         let lanes = q.len() / d;
         if lanes == 0 {

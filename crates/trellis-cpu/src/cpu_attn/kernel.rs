@@ -9,6 +9,9 @@ use trellis_plugin::AttentionShape;
 
 use super::{CHUNK, LaneSet, TILE, Target, WIDEN_LANES};
 
+/// Lane sets with at most this many lanes active prefetch the next tile's cache blocks.
+const PREFETCH_LANES: usize = 8;
+
 /// The storage kinds of a cache element.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum ElemKind {
@@ -113,6 +116,12 @@ pub(super) trait Kernels {
     /// `K`'s features; every `rows[j]` readable for `d` elements; `rows.len() <= TILE`;
     /// `w` holds `(lanes - 1) * TILE + rows.len()` floats and `corr` `lanes`.
     unsafe fn pv<E: Elem>(acc: &mut [f32], d: usize, corr: &[f32], w: &[f32], rows: &[*const E::T]);
+    /// Hints that the cache lines of `bytes` bytes from `p` will be read soon (no-op where the
+    /// instruction set has no hint).
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8, bytes: usize) {
+        let _ = (p, bytes);
+    }
     /// The largest element (`-inf` for none).
     unsafe fn max(s: &[f32]) -> f32;
     /// `s = exp(s - m)` (every `s <= m`), returning the sum.
@@ -310,6 +319,20 @@ pub(super) unsafe fn attend<K: Kernels, E: Elem>(
             l.fill(0.0);
         }
         let n = (p0 + TILE).min(stop) - p0;
+        // Small lane sets (decode) stream the cache: ask for the next tile's blocks now.
+        if lanes - (p0 + 1).saturating_sub(vis0) * group <= PREFETCH_LANES && p0 + TILE < stop {
+            let next = p0 + TILE;
+            let (b0, b1) = (next / bs, ((next + TILE).min(stop) - 1) / bs);
+            let size = std::mem::size_of::<E::T>();
+            for b in b0..=b1 {
+                let start = base(b);
+                // SAFETY: a hint only; the range is one head of a block of the cache.
+                unsafe {
+                    K::prefetch(kc[start..].as_ptr() as *const u8, bs * d * size);
+                    K::prefetch(vc[start..].as_ptr() as *const u8, bs * d * size);
+                }
+            }
+        }
         // Lanes of rows that see none of this tile are skipped (causal mask).
         let ls = (p0 + 1).saturating_sub(vis0) * group;
         let widen = E::KIND != ElemKind::F32 && lanes - ls > WIDEN_LANES;
