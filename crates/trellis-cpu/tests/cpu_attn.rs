@@ -532,3 +532,115 @@ fn matches_reference_with_large_scores() -> Result<()> {
     }
     Ok(())
 }
+
+/// A long context's last row is bit-identical whether it is computed in a prefill (chunk states
+/// folded as the pass goes), in a decode step alone (the context split into chunk items run in
+/// parallel and merged, when the pool has several threads) or in a decode step next to many
+/// other sequences (no split). Also checks it against the oracle.
+#[test]
+fn long_rows_do_not_depend_on_the_decode_split() -> Result<()> {
+    let cpu = &Device::Cpu;
+    for (dtype, d, len) in [
+        (DType::F32, 64, 700usize),
+        (DType::F16, 64, 300),
+        (DType::BF16, 40, 257),
+    ] {
+        let (h, hkv, bs) = (9, 3, 16);
+        let shape = AttentionShape {
+            num_heads: h,
+            num_kv_heads: hkv,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let others = 9;
+        let nb = len.div_ceil(bs) + others + 1;
+        let spec = KvCacheSpec {
+            num_blocks: nb,
+            block_size: bs,
+            num_kv_heads: hkv,
+            head_dim: d,
+            dtype,
+        };
+        let mut rng = Rng(0xabc + len as u64);
+        let (q, k, v) = (
+            rng.vec(len * h * d),
+            rng.vec(len * hkv * d),
+            rng.vec(len * hkv * d),
+        );
+        let mut rng2 = Rng(5);
+        let other: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..others)
+            .map(|_| (rng2.vec(h * d), rng2.vec(hkv * d), rng2.vec(hkv * d)))
+            .collect();
+        let table: Vec<u32> = (0..len.div_ceil(bs) as u32).rev().collect();
+        // Steps of (sequence tokens `from..to`, with the other sequences' one token each).
+        let run = |steps: &[(usize, usize, bool)]| -> Result<Vec<f32>> {
+            let mut layer = CpuAttnBackend.new_layer(&spec, shape, cpu)?;
+            let mut last = Vec::new();
+            for &(from, to, with_others) in steps {
+                let mut meta = AttentionMetadata {
+                    block_size: bs,
+                    ..Default::default()
+                };
+                let (mut tq, mut tk, mut tv) = (vec![], vec![], vec![]);
+                if with_others {
+                    for (i, o) in other.iter().enumerate() {
+                        let block = (nb - 1 - i) as u32;
+                        meta.seqs.push(SeqAttentionMetadata {
+                            query_start: i,
+                            query_len: 1,
+                            context_len: 1,
+                            block_table: vec![block],
+                        });
+                        meta.slot_mapping.push(block as usize * bs);
+                        tq.extend_from_slice(&o.0);
+                        tk.extend_from_slice(&o.1);
+                        tv.extend_from_slice(&o.2);
+                    }
+                }
+                meta.seqs.push(SeqAttentionMetadata {
+                    query_start: meta.slot_mapping.len(),
+                    query_len: to - from,
+                    context_len: to,
+                    block_table: table.clone(),
+                });
+                for p in from..to {
+                    meta.slot_mapping.push(table[p / bs] as usize * bs + p % bs);
+                }
+                tq.extend_from_slice(&q[from * h * d..to * h * d]);
+                tk.extend_from_slice(&k[from * hkv * d..to * hkv * d]);
+                tv.extend_from_slice(&v[from * hkv * d..to * hkv * d]);
+                let t = meta.num_tokens();
+                let o = layer.forward(
+                    &Tensor::from_vec(tq, (t, h, d), cpu)?,
+                    &Tensor::from_vec(tk, (t, hkv, d), cpu)?,
+                    &Tensor::from_vec(tv, (t, hkv, d), cpu)?,
+                    &meta,
+                )?;
+                let o = o.flatten_all()?.to_vec1::<f32>()?;
+                last = o[o.len() - h * d..].to_vec();
+            }
+            Ok(last)
+        };
+        let prefill = run(&[(0, len, false)])?;
+        let alone = run(&[(0, len - 1, false), (len - 1, len, false)])?;
+        let batched = run(&[(0, len - 1, false), (len - 1, len, true)])?;
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same(&prefill, &alone), "{dtype:?}: prefill vs decode alone");
+        assert!(
+            same(&prefill, &batched),
+            "{dtype:?}: prefill vs batched decode"
+        );
+        // And close to the oracle (fed the rounded keys and values).
+        let mut pair = Pair::new(h, hkv, d, bs, nb, dtype);
+        let mut seq = TSeq {
+            table: table.clone(),
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            done: 0,
+        };
+        let (err, _) = pair.step(std::slice::from_mut(&mut seq), &[(0, len)])?;
+        assert!(err < 1e-4, "{dtype:?}: error {err}");
+    }
+    Ok(())
+}

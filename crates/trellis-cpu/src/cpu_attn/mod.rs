@@ -3,13 +3,14 @@
 //!
 //! # Layout
 //!
-//! Each layer owns a K and a V cache of `[num_blocks, num_kv_heads, block_size, head_dim]`
-//! elements: inside a block, the `block_size` rows of one KV head are contiguous, so a
-//! sequence's keys for one head are read in place, a block at a time, straight from the
-//! block table (no gather, no copy). The element type is the [`KvCacheSpec::dtype`]: `F32`,
-//! `F16` or `BF16`. New keys and values arrive in f32 and are rounded to nearest even when
-//! stored; they are widened back to f32 as they are read. Queries, scores, accumulators and
-//! outputs are f32.
+//! Each layer owns a K and a V cache, `num_blocks` blocks of `num_kv_heads` heads each. Inside
+//! a block, one head's `block_size` values are a `[block_size, head_dim]` matrix (rows
+//! contiguous) and its keys a `[head_dim, block_size]` matrix (keys stored transposed, so that
+//! 16 consecutive positions of one dimension are one vector load): a sequence's keys and
+//! values are read in place, a block at a time, straight from the block table (no gather, no
+//! copy). The element type is the [`KvCacheSpec::dtype`]: `F32`, `F16` or `BF16`. New keys and
+//! values arrive in f32 and are rounded to nearest even when stored; they are widened back to
+//! f32 as they are read. Queries, scores, accumulators and outputs are f32.
 //!
 //! # Algorithm
 //!
@@ -20,16 +21,36 @@
 //! keeping per query head a running maximum `m`, a running sum `l` and an unnormalised f32
 //! output; when a tile raises the maximum, the sum and the output are rescaled by
 //! `exp(m_old - m_new)`. The query heads of one GQA group (and, in prefill, a few query rows)
-//! form the *lanes* that share each key and value row: a tile's rows are located once
-//! (walking the block table), widened once when the cache is f16/bf16, and used by every
-//! lane, lanes being at most [`MAX_LANES`] (or one row's group, if larger). Causality is per
-//! lane: a lane of the `i`-th new token sees `context_len - query_len + i + 1` positions; the
-//! weights of positions it does not see are zero.
+//! form the *lanes* that share each key and value row, at most [`MAX_LANES`] (or one row's
+//! group, if larger). Causality is per lane: a lane of the `i`-th new token sees
+//! `context_len - query_len + i + 1` positions; the weights of positions it does not see are
+//! zero, and lanes that see none of a tile skip it.
 //!
-//! Per tile: scores `scale * q·k` for every lane and row (four key rows per pass with one
-//! four-way horizontal sum), then per lane the tile maximum, the rescale and `exp` (a
-//! vectorised polynomial, within a few f32 ulps), then the weighted value rows added
-//! into the lanes' accumulators (held in registers across the tile's rows).
+//! Per tile, like a small GEMM: the scores of a block of up to 8 lanes against the tile's 32
+//! keys are accumulated in registers (per dimension, one load of 16 keys and one broadcast of
+//! each lane's query element; no horizontal sums), then per lane the tile maximum, the rescale
+//! factor and `exp` (a vectorised polynomial, within a few f32 ulps), then the weighted value
+//! rows added into blocks of up to 4 lanes' accumulators, rescaled as they are loaded and held
+//! in registers across the tile's rows. With f16/bf16 caches the kernels widen keys and values
+//! as they load them, or, when more than [`WIDEN_LANES`] lanes share the tile (prefill), the
+//! tile is widened once into f32 scratch first.
+//!
+//! The context is also cut into chunks of [`CHUNK`] positions counted from position 0: at
+//! each chunk boundary a lane's `(m, l, output)` is folded into its running result (rescaled to
+//! the larger maximum) and restarted. A long context of a short lane set (a decode) can thus be
+//! split into one work item per chunk, run in parallel, each writing its chunk's state, then
+//! merged by the same fold in chunk order (flash-decoding): the split changes which thread
+//! computes a chunk, never the arithmetic.
+//!
+//! # Batch invariance
+//!
+//! A row's result depends only on its query, its sequence's visible keys and values and the
+//! constants above: every score is one chain of multiply-adds over the head dimension whatever
+//! lanes share its block, every output element one chain over the tile's rows (zero weights
+//! of invisible positions add exactly nothing), tiles and chunks start at fixed multiples of
+//! [`TILE`] and [`CHUNK`], and the merge order is fixed. So the grouping of lanes into sets
+//! and blocks, the other sequences of the step, the number of threads and the decode split do
+//! not change a single bit of it (tests pin this).
 //!
 //! # SIMD and threads
 //!
@@ -38,17 +59,19 @@
 //! [`trellis_kernels::cpu::isa`] (`TRELLIS_ISA=avx2|scalar` caps it for comparisons); the
 //! binary itself assumes only SSE2. Each version of the per-lane-set loop is compiled inside
 //! a `#[target_feature]` function so the kernels inline into it. The work items are
-//! (sequence, KV head, tile of up to [`ROW_TILE`] query rows), run on
-//! [`trellis_kernels::pool::global`] (steps under [`SERIAL_WORK`] run on the calling
-//! thread); every item writes a disjoint set of output rows (the
-//! step is checked first: sequences may not overlap in the batch). Each thread keeps its
-//! scratch (accumulators, scores, a tile of widened rows) in a thread-local vector, so a call
-//! allocates only its output (the work-item list keeps its capacity in the layer).
+//! (sequence, KV head, tile of up to [`ROW_TILE`] query rows), or one chunk of such a lane
+//! set of at most [`SPLIT_ROWS`] rows when a step has fewer than [`SPLIT_ITEMS_PER_THREAD`]
+//! items per thread, run on [`trellis_kernels::pool::global`] (steps under [`SERIAL_WORK`]
+//! run on the calling thread), then the merges of split lane sets; every item writes a
+//! disjoint set of output rows or chunk states (the step is checked first: sequences may not
+//! overlap in the batch). Each thread keeps its scratch (queries, accumulators, scores, a tile
+//! of widened rows) in a thread-local vector, so a call allocates only its output (the
+//! work-item lists and chunk states keep their capacity in the layer).
 //!
 //! # Speed
 //!
-//! `cargo run -p trellis-cpu --example attn_bench` reports decode time per layer against
-//! `CPU_REFERENCE` for the default model's shape.
+//! `cargo run --release -p trellis-cpu --example attn_bench` reports prefill (a 512-token
+//! prompt) and decode time per layer against `CPU_REFERENCE` for the default model's shape.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -68,7 +91,7 @@ pub const TILE: usize = 32;
 
 /// Most lanes (query head × query row pairs) that share one pass over the context, unless one
 /// row's GQA group alone is larger.
-pub const MAX_LANES: usize = 16;
+pub const MAX_LANES: usize = 24;
 
 /// Multiply-adds (`query rows × context × heads × head size`, summed over the step) below
 /// which a step runs on the calling thread instead of the compute pool.
@@ -76,6 +99,22 @@ pub const SERIAL_WORK: usize = 1 << 16;
 
 /// Most query rows in one work item: long prefills are split into tiles of this many rows.
 pub const ROW_TILE: usize = 32;
+
+/// Context positions of one chunk: every lane's softmax state is folded into its result at
+/// each multiple of `CHUNK` (counted from position 0), so a long context can be split into
+/// chunks computed in parallel and merged in the same order with the same arithmetic.
+pub const CHUNK: usize = 128;
+
+/// Lane sets of at most this many rows are split into chunk items when a step has fewer than
+/// [`SPLIT_ITEMS_PER_THREAD`] items per thread (decode of one or a few sequences).
+pub const SPLIT_ROWS: usize = 4;
+
+/// Below this many work items per pool thread, short lane sets are split into chunks.
+pub const SPLIT_ITEMS_PER_THREAD: usize = 4;
+
+/// With more lanes than this attending a tile, f16/bf16 key and value rows are widened into an
+/// f32 tile once; with fewer, the kernels widen them as they load them.
+pub const WIDEN_LANES: usize = 8;
 
 /// The `CPU_ATTN` attention backend: paged K/V in blocks, f32/f16/bf16 cache, SIMD kernels.
 #[derive(Debug, Clone, Copy, Default)]
@@ -123,20 +162,17 @@ impl KvBuf {
         })
     }
 
-    /// Stores `src` at `off`, rounding to nearest even for f16/bf16.
-    fn write(&mut self, off: usize, src: &[f32]) {
+    /// Stores `src[i]` at `off + i * stride`, rounding to nearest even for f16/bf16.
+    fn write(&mut self, off: usize, stride: usize, src: &[f32]) {
+        let idx = (0..src.len()).map(|i| off + i * stride);
         match self {
-            KvBuf::F32(c) => c[off..off + src.len()].copy_from_slice(src),
-            KvBuf::F16(c) => {
-                for (d, &x) in c[off..off + src.len()].iter_mut().zip(src) {
-                    *d = half::f16::from_f32(x).to_bits();
-                }
-            }
-            KvBuf::Bf16(c) => {
-                for (d, &x) in c[off..off + src.len()].iter_mut().zip(src) {
-                    *d = half::bf16::from_f32(x).to_bits();
-                }
-            }
+            KvBuf::F32(c) => idx.zip(src).for_each(|(i, &x)| c[i] = x),
+            KvBuf::F16(c) => idx
+                .zip(src)
+                .for_each(|(i, &x)| c[i] = half::f16::from_f32(x).to_bits()),
+            KvBuf::Bf16(c) => idx
+                .zip(src)
+                .for_each(|(i, &x)| c[i] = half::bf16::from_f32(x).to_bits()),
         }
     }
 
@@ -163,21 +199,38 @@ pub struct CpuAttnAttention {
     shape: AttentionShape,
     block_size: usize,
     num_blocks: usize,
-    /// `[num_blocks, num_kv_heads, block_size, head_dim]`.
+    /// `[num_blocks, num_kv_heads, head_dim, block_size]` (keys transposed in each block).
     k_cache: KvBuf,
     /// `[num_blocks, num_kv_heads, block_size, head_dim]`.
     v_cache: KvBuf,
     /// The work items of the last call, kept for their capacity.
     items: Vec<WorkItem>,
+    /// The merges of split lane sets of the last call, kept for their capacity.
+    merges: Vec<MergeItem>,
+    /// Chunk states of split lane sets, kept for its capacity.
+    partials: Vec<f32>,
 }
 
-/// (sequence, KV head, query rows) run by one pool item.
+/// (sequence, KV head, query rows, whole context or one chunk) run by one pool item.
 #[derive(Debug, Clone, Copy)]
 struct WorkItem {
     seq: usize,
     kv_head: usize,
     row0: usize,
     rows: usize,
+    /// `Some((chunk, offset of its state in the partials))` for a split lane set.
+    chunk: Option<(usize, usize)>,
+}
+
+/// The merge of a split lane set: its `chunks` states from `partial` on, in chunk order.
+#[derive(Debug, Clone, Copy)]
+struct MergeItem {
+    seq: usize,
+    kv_head: usize,
+    row0: usize,
+    rows: usize,
+    partial: usize,
+    chunks: usize,
 }
 
 impl CpuAttnAttention {
@@ -213,6 +266,8 @@ impl CpuAttnAttention {
             k_cache: KvBuf::zeros(spec.dtype, len)?,
             v_cache: KvBuf::zeros(spec.dtype, len)?,
             items: Vec::new(),
+            merges: Vec::new(),
+            partials: Vec::new(),
         })
     }
 
@@ -316,6 +371,8 @@ struct Step<'a> {
     v: KvView<'a>,
     out: OutPtr,
     out_len: usize,
+    /// Chunk states of split lane sets.
+    partials: OutPtr,
     shape: AttentionShape,
     block_size: usize,
 }
@@ -328,6 +385,18 @@ struct LaneSet<'a> {
     /// Index (within the sequence's new tokens) of the first row.
     row0: usize,
     rows: usize,
+    /// What the pass covers and where its result goes.
+    target: Target,
+}
+
+/// What a lane set computes and where it writes it.
+#[derive(Clone, Copy)]
+enum Target {
+    /// The whole visible context; normalised rows into the output.
+    Output,
+    /// Positions `chunk * CHUNK ..` up to the next multiple of [`CHUNK`]; the raw state
+    /// (`m`, `l`, then the unnormalised output, per lane) at `partial`.
+    Chunk { chunk: usize, partial: OutPtr },
 }
 
 impl AttentionImpl for CpuAttnAttention {
@@ -365,32 +434,68 @@ impl AttentionImpl for CpuAttnAttention {
         for (t, &slot) in metadata.slot_mapping.iter().enumerate() {
             let (block, off) = (slot / bs, slot % bs);
             for kh in 0..hkv {
-                let dst = ((block * hkv + kh) * bs + off) * d;
+                let head = (block * hkv + kh) * bs * d;
                 let src = (t * hkv + kh) * d;
-                self.k_cache.write(dst, &k[src..src + d]);
-                self.v_cache.write(dst, &v[src..src + d]);
+                self.k_cache.write(head + off, bs, &k[src..src + d]);
+                self.v_cache.write(head + off * d, 1, &v[src..src + d]);
             }
         }
 
-        // 2. Attention, in parallel over (sequence, KV head, row tile).
+        // 2. Attention, in parallel over (sequence, KV head, row tile), long contexts of
+        //    short lane sets split in chunks when there are too few items to balance.
+        let pool = trellis_kernels::pool::global();
+        let group = h / hkv;
+        let unsplit: usize = metadata
+            .seqs
+            .iter()
+            .map(|s| s.query_len.div_ceil(ROW_TILE) * hkv)
+            .sum();
+        let split = pool.threads() > 1 && unsplit < SPLIT_ITEMS_PER_THREAD * pool.threads();
         let mut items = std::mem::take(&mut self.items);
+        let mut merges = std::mem::take(&mut self.merges);
+        let mut partials = std::mem::take(&mut self.partials);
         items.clear();
+        merges.clear();
+        let mut part_len = 0;
         for (s, seq) in metadata.seqs.iter().enumerate() {
             // Longest tiles (the last rows) first, for balance.
             let tiles = seq.query_len.div_ceil(ROW_TILE);
             for tile in (0..tiles).rev() {
                 let row0 = tile * ROW_TILE;
                 let rows = ROW_TILE.min(seq.query_len - row0);
+                let end = seq.context_len - seq.query_len + row0 + rows;
+                let chunks = end.div_ceil(CHUNK);
                 for kv_head in 0..hkv {
-                    items.push(WorkItem {
+                    let item = WorkItem {
                         seq: s,
                         kv_head,
                         row0,
                         rows,
+                        chunk: None,
+                    };
+                    if !(split && rows <= SPLIT_ROWS && chunks > 1) {
+                        items.push(item);
+                        continue;
+                    }
+                    let stride = rows * group * (d + 2);
+                    merges.push(MergeItem {
+                        seq: s,
+                        kv_head,
+                        row0,
+                        rows,
+                        partial: part_len,
+                        chunks,
                     });
+                    items.extend((0..chunks).map(|c| WorkItem {
+                        chunk: Some((c, part_len + c * stride)),
+                        ..item
+                    }));
+                    part_len += chunks * stride;
                 }
             }
         }
+        partials.clear();
+        partials.resize(part_len, 0.0);
         let mut out = vec![0f32; num_tokens * h * d];
         let step = Step {
             q,
@@ -398,28 +503,46 @@ impl AttentionImpl for CpuAttnAttention {
             v: self.v_cache.view(),
             out: OutPtr(out.as_mut_ptr()),
             out_len: out.len(),
+            partials: OutPtr(partials.as_mut_ptr()),
             shape,
             block_size: bs,
         };
         let isa = trellis_kernels::cpu::isa();
-        let group = h / hkv;
         let rows_per_set = (MAX_LANES / group).max(1);
         let run_item = |i: usize| {
             let it = items[i];
             let seq = &metadata.seqs[it.seq];
             let mut r = 0;
             while r < it.rows {
-                let rows = rows_per_set.min(it.rows - r);
+                // A split lane set is never cut further (its partial region is laid out
+                // for all its rows).
+                let rows = match it.chunk {
+                    Some(_) => it.rows,
+                    None => rows_per_set.min(it.rows - r),
+                };
+                let target = match it.chunk {
+                    Some((chunk, off)) => Target::Chunk {
+                        chunk,
+                        // SAFETY: `off` is inside the partials (laid out above).
+                        partial: OutPtr(unsafe { step.partials.0.add(off) }),
+                    },
+                    None => Target::Output,
+                };
                 let set = LaneSet {
                     step: &step,
                     seq,
                     kv_head: it.kv_head,
                     row0: it.row0 + r,
                     rows,
+                    target,
                 };
                 run_lane_set(isa, &set);
                 r += rows;
             }
+        };
+        let run_merge = |i: usize| {
+            let it = merges[i];
+            merge_chunks(&step, &metadata.seqs[it.seq], &it);
         };
         // Steps too small to repay waking the pool's workers run on this thread.
         let work: usize = metadata
@@ -430,10 +553,20 @@ impl AttentionImpl for CpuAttnAttention {
             .saturating_mul(h * d);
         if work < SERIAL_WORK {
             (0..items.len()).for_each(run_item);
+            (0..merges.len()).for_each(run_merge);
         } else {
-            trellis_kernels::pool::global().run(items.len(), run_item);
+            pool.run(items.len(), run_item);
+            // Merges are light (a few multiply-adds per chunk and output element): small ones
+            // are not worth waking the workers again.
+            if part_len < SERIAL_WORK {
+                (0..merges.len()).for_each(run_merge);
+            } else {
+                pool.run(merges.len(), run_merge);
+            }
         }
         self.items = items;
+        self.merges = merges;
+        self.partials = partials;
         Tensor::from_vec(out, (num_tokens, h, d), query.device())
     }
 }
@@ -447,267 +580,88 @@ thread_local! {
 fn run_lane_set(isa: Isa, set: &LaneSet<'_>) {
     SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
-        #[cfg(target_arch = "x86_64")]
-        match isa {
-            // SAFETY: `isa()` reported AVX-512 F/BW/VL on this CPU.
-            Isa::Avx512Vnni | Isa::Amx => unsafe { x86::attend_avx512(set, &mut scratch) },
-            // SAFETY: `isa()` reported AVX2, FMA and F16C on this CPU.
-            Isa::Avx2 => unsafe { x86::attend_avx2(set, &mut scratch) },
-            // SAFETY: the scalar kernels need no CPU feature.
-            Isa::Scalar => unsafe { attend::<Scalar>(set, &mut scratch) },
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = isa;
-            // SAFETY: the scalar kernels need no CPU feature.
-            unsafe { attend::<Scalar>(set, &mut scratch) }
+        match (set.step.k, set.step.v) {
+            (KvView::F32(k), KvView::F32(v)) => run_typed::<F32E>(isa, set, k, v, &mut scratch),
+            (KvView::F16(k), KvView::F16(v)) => run_typed::<F16E>(isa, set, k, v, &mut scratch),
+            (KvView::Bf16(k), KvView::Bf16(v)) => run_typed::<Bf16E>(isa, set, k, v, &mut scratch),
+            // K and V are allocated with one dtype.
+            _ => unreachable!("{CPU_ATTN}: K and V caches differ in dtype"),
         }
     });
 }
 
-/// The vector kernels of one instruction set. Every method is `unsafe` because an
-/// implementation may require CPU features: call it only where they are present.
-trait Kernels {
-    /// `out[i * stride] = scale * (q[i*d..(i+1)*d] · k)` for `i < q.len() / d`; `k.len() == d`.
-    unsafe fn dot_group(q: &[f32], d: usize, k: &[f32], scale: f32, out: &mut [f32], stride: usize);
-    /// `acc[i*d..(i+1)*d] += w[i * stride] * v` for `i < n`; `v.len() == d`.
-    unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], stride: usize, n: usize, v: &[f32]);
-    /// `out[i * TILE + j] = scale * (q[i*d..(i+1)*d] · k[j])` for every lane
-    /// `i < q.len() / d` and row `j < k.len()`; every `k[j].len() == d`.
-    unsafe fn dot_tile(q: &[f32], d: usize, k: &[&[f32]], scale: f32, out: &mut [f32]) {
-        for (j, row) in k.iter().enumerate() {
-            // SAFETY: the caller guarantees the features `dot_group` needs.
-            unsafe { Self::dot_group(q, d, row, scale, &mut out[j..], TILE) };
-        }
+/// [`run_lane_set`] for caches of element type `E`.
+fn run_typed<E: Elem>(isa: Isa, set: &LaneSet<'_>, k: &[E::T], v: &[E::T], scratch: &mut Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: `isa()` reported AVX-512 F/BW/VL on this CPU.
+        Isa::Avx512Vnni | Isa::Amx => unsafe { x86::attend_avx512::<E>(set, k, v, scratch) },
+        // SAFETY: `isa()` reported AVX2, FMA and F16C on this CPU.
+        Isa::Avx2 => unsafe { avx2::attend_avx2::<E>(set, k, v, scratch) },
+        // SAFETY: the scalar kernels need no CPU feature.
+        Isa::Scalar => unsafe { attend::<Scalar, E>(set, k, v, scratch) },
     }
-    /// `acc[i*d..(i+1)*d] += Σ_j w[i * TILE + j] * v[j]` for every lane `i < acc.len() / d`;
-    /// every `v[j].len() == d`.
-    unsafe fn axpy_tile(acc: &mut [f32], d: usize, w: &[f32], v: &[&[f32]]) {
-        for (j, row) in v.iter().enumerate() {
-            // SAFETY: the caller guarantees the features `axpy_group` needs.
-            unsafe { Self::axpy_group(acc, d, &w[j..], TILE, acc.len() / d, row) };
-        }
-    }
-    /// `y *= a`.
-    unsafe fn scale(y: &mut [f32], a: f32);
-    /// The largest element (`-inf` for none).
-    unsafe fn max(s: &[f32]) -> f32;
-    /// `s = exp(s - m)` (every `s <= m`), returning the sum.
-    unsafe fn exp_sum(s: &mut [f32], m: f32) -> f32;
-    /// Widens f16 bit patterns to f32; `dst.len() == src.len()`.
-    unsafe fn f16_to_f32(src: &[u16], dst: &mut [f32]);
-    /// Widens bf16 bit patterns to f32; `dst.len() == src.len()`.
-    unsafe fn bf16_to_f32(src: &[u16], dst: &mut [f32]);
-}
-
-/// Portable kernels, for any CPU.
-struct Scalar;
-
-impl Kernels for Scalar {
-    unsafe fn dot_group(
-        q: &[f32],
-        d: usize,
-        k: &[f32],
-        scale: f32,
-        out: &mut [f32],
-        stride: usize,
-    ) {
-        for (i, qr) in q.chunks_exact(d).enumerate() {
-            out[i * stride] = scale * qr.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
-        }
-    }
-
-    unsafe fn axpy_group(acc: &mut [f32], d: usize, w: &[f32], stride: usize, n: usize, v: &[f32]) {
-        for (i, a) in acc.chunks_exact_mut(d).take(n).enumerate() {
-            let wi = w[i * stride];
-            a.iter_mut().zip(v).for_each(|(a, x)| *a += wi * x);
-        }
-    }
-
-    unsafe fn max(s: &[f32]) -> f32 {
-        s.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-    }
-
-    unsafe fn exp_sum(s: &mut [f32], m: f32) -> f32 {
-        let mut sum = 0.0;
-        for x in s.iter_mut() {
-            *x = (*x - m).exp();
-            sum += *x;
-        }
-        sum
-    }
-
-    unsafe fn scale(y: &mut [f32], a: f32) {
-        y.iter_mut().for_each(|x| *x *= a);
-    }
-
-    unsafe fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = half::f16::from_bits(s).to_f32();
-        }
-    }
-
-    unsafe fn bf16_to_f32(src: &[u16], dst: &mut [f32]) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = f32::from_bits((s as u32) << 16);
-        }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        // SAFETY: the scalar kernels need no CPU feature.
+        unsafe { attend::<Scalar, E>(set, k, v, scratch) }
     }
 }
 
-/// The cache rows at `offs` as f32 slices: in place for f32, else widened into `buf`
-/// (`offs.len() * d` floats).
-///
-/// # Safety
-/// The CPU features `K` needs must be present.
-#[inline(always)]
-unsafe fn tile_rows<'a, K: Kernels>(
-    cache: KvView<'a>,
-    offs: &[usize],
-    d: usize,
-    buf: &'a mut [f32],
-) -> [&'a [f32]; TILE] {
-    let mut rows: [&[f32]; TILE] = [&[]; TILE];
-    match cache {
-        KvView::F32(c) => {
-            for (row, &off) in rows.iter_mut().zip(offs) {
-                *row = &c[off..off + d];
-            }
-        }
-        KvView::F16(c) | KvView::Bf16(c) => {
-            let bf16 = matches!(cache, KvView::Bf16(_));
-            for ((row, b), &off) in rows.iter_mut().zip(buf.chunks_exact_mut(d)).zip(offs) {
-                // SAFETY: the caller guarantees `K`'s features.
-                unsafe {
-                    match bf16 {
-                        true => K::bf16_to_f32(&c[off..off + d], b),
-                        false => K::f16_to_f32(&c[off..off + d], b),
-                    }
-                }
-                *row = b;
-            }
-        }
-    }
-    rows
-}
-
-/// The attention of one lane set (see the module docs), written into its output rows.
-///
-/// Scratch layout: `acc [lanes * d] | scores [lanes * TILE] | m [lanes] | l [lanes] |
-/// tile [TILE * d]`, scores being lane-major so one lane's tile is contiguous for the
-/// softmax; `tile` holds a tile of key or value rows widened from f16/bf16.
-///
-/// # Safety
-/// The CPU features `K` needs must be present, and `set` must come from a checked call (its
-/// rows, blocks and output region in range and owned by this lane set alone).
-#[inline(always)]
-unsafe fn attend<K: Kernels>(set: &LaneSet<'_>, scratch: &mut Vec<f32>) {
-    let step = set.step;
+/// Merges the chunk states of one split lane set in chunk order and writes its normalised
+/// output rows (the same [`fold`] and [`normalise`] as an unsplit lane set).
+fn merge_chunks(step: &Step<'_>, seq: &SeqAttentionMetadata, it: &MergeItem) {
     let AttentionShape {
         num_heads: h,
         num_kv_heads: hkv,
         head_dim: d,
-        scale,
+        ..
     } = step.shape;
-    let bs = step.block_size;
     let group = h / hkv;
-    let rows = set.rows;
-    let lanes = rows * group;
-    let need = lanes * d + TILE * lanes + 2 * lanes + TILE * d;
-    if scratch.len() < need {
-        scratch.resize(need, 0.0);
-    }
-    let (acc, rest) = scratch.split_at_mut(lanes * d);
-    let (scores, rest) = rest.split_at_mut(TILE * lanes);
-    let (m, rest) = rest.split_at_mut(lanes);
-    let (l, rest) = rest.split_at_mut(lanes);
-    let tile_buf = &mut rest[..TILE * d];
-    acc.fill(0.0);
-    m.fill(f32::NEG_INFINITY);
-    l.fill(0.0);
-
-    let seq = set.seq;
-    // Row `r` of the set (token `seq.query_start + row0 + r`) sees positions `< vis0 + r`.
-    let vis0 = seq.context_len - seq.query_len + set.row0 + 1;
-    let end = vis0 + rows - 1;
-    let q_block = |r: usize| {
-        let t = seq.query_start + set.row0 + r;
-        &step.q[(t * h + set.kv_head * group) * d..][..group * d]
+    let lanes = it.rows * group;
+    let stride = lanes * (d + 2);
+    // SAFETY: the merge item's partial region (`chunks * stride` floats) was laid out by
+    // `forward` for it alone and written by its chunk items, which have all finished.
+    let part = unsafe {
+        std::slice::from_raw_parts(
+            step.partials.0.add(it.partial) as *const f32,
+            it.chunks * stride,
+        )
     };
-    let kv_head = set.kv_head;
-    let mut offs = [0usize; TILE];
-
-    let mut p0 = 0;
-    while p0 < end {
-        let p1 = (p0 + TILE).min(end);
-        let n = p1 - p0;
-        // Cache offsets of the tile's rows, walking the block table without divisions.
-        let (mut blk, mut within) = (p0 / bs, p0 % bs);
-        for off in offs[..n].iter_mut() {
-            *off = ((seq.block_table[blk] as usize * hkv + kv_head) * bs + within) * d;
-            within += 1;
-            if within == bs {
-                (blk, within) = (blk + 1, 0);
-            }
-        }
-        // Scaled scores of the tile, lane-major. Row `r` sees the tile's first
-        // `vis0 + r - p0` positions; rows that see none are skipped, the scores of positions a
-        // row does not see are computed (from finite rows) but never used.
-        {
-            // SAFETY: the caller guarantees `K`'s features.
-            let k_rows = unsafe { tile_rows::<K>(step.k, &offs[..n], d, tile_buf) };
-            for r in (p0 + 1).saturating_sub(vis0)..rows {
-                let out = &mut scores[r * group * TILE..];
-                // SAFETY: the caller guarantees `K`'s features.
-                unsafe { K::dot_tile(q_block(r), d, &k_rows[..n], scale, out) };
-            }
-        }
-        // Online softmax update: rescale by the new maximum, turn scores into weights.
-        for lane in 0..lanes {
-            let visible = (vis0 + lane / group).saturating_sub(p0).min(n);
-            // Weights of positions this lane does not see are 0 (they are finite cache rows).
-            scores[lane * TILE + visible..lane * TILE + n].fill(0.0);
-            if visible == 0 {
-                continue;
-            }
-            let s = &mut scores[lane * TILE..][..visible];
-            // SAFETY: the caller guarantees `K`'s features.
-            let new_m = m[lane].max(unsafe { K::max(s) });
-            if new_m > m[lane] {
-                let corr = (m[lane] - new_m).exp();
-                l[lane] *= corr;
-                // SAFETY: the caller guarantees `K`'s features.
-                unsafe { K::scale(&mut acc[lane * d..][..d], corr) };
-                m[lane] = new_m;
-            }
-            // SAFETY: the caller guarantees `K`'s features.
-            l[lane] += unsafe { K::exp_sum(s, new_m) };
-        }
-        // Weighted values: the tile's rows (widened once) into every lane's accumulator.
-        // SAFETY: the caller guarantees `K`'s features.
-        let v_rows = unsafe { tile_rows::<K>(step.v, &offs[..n], d, tile_buf) };
-        // SAFETY: the caller guarantees `K`'s features.
-        unsafe { K::axpy_tile(acc, d, scores, &v_rows[..n]) };
-        p0 = p1;
-    }
-
-    // Normalise into the output rows of this set.
-    for r in 0..rows {
-        let t = seq.query_start + set.row0 + r;
-        let start = (t * h + set.kv_head * group) * d;
+    let mut mo = [0f32; 256];
+    let mut mo_heap = Vec::new();
+    let mo: &mut [f32] = if d <= mo.len() {
+        &mut mo[..d]
+    } else {
+        mo_heap.resize(d, 0.0);
+        &mut mo_heap
+    };
+    for r in 0..it.rows {
+        let t = seq.query_start + it.row0 + r;
+        let start = (t * h + it.kv_head * group) * d;
         debug_assert!(start + group * d <= step.out_len);
         // SAFETY: `check_seqs` keeps `t < num_tokens`, so the region is inside the output, and
-        // no other lane set writes heads `kv_head * group ..` of token `t`.
+        // only this merge item writes heads `kv_head * group ..` of token `t`.
         let out = unsafe { std::slice::from_raw_parts_mut(step.out.0.add(start), group * d) };
         for g in 0..group {
             let lane = r * group + g;
-            let inv = if l[lane] > 0.0 { 1.0 / l[lane] } else { 0.0 };
-            for (o, a) in out[g * d..][..d].iter_mut().zip(&acc[lane * d..][..d]) {
-                *o = a * inv;
+            let (mut mm, mut ml) = (f32::NEG_INFINITY, 0f32);
+            for c in 0..it.chunks {
+                let p = &part[c * stride + lane * (d + 2)..][..d + 2];
+                fold(&mut mm, &mut ml, mo, p[0], p[1], &p[2..]);
             }
+            normalise(&mut out[g * d..][..d], ml, mo);
         }
     }
 }
 
+mod kernel;
+
+use kernel::{Bf16E, Elem, F16E, F32E, Scalar, attend, fold, normalise};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -1,5 +1,6 @@
 //! Every kernel set this CPU can run against plain loops, whatever `TRELLIS_ISA` says.
 
+use super::kernel::{Elem, Kernels, KtTile};
 use super::*;
 
 fn data(n: usize, seed: u32) -> Vec<f32> {
@@ -8,72 +9,92 @@ fn data(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// `x` stored as `E` and read back (the exact values a kernel sees).
+fn stored<E: Elem>(x: &[f32], to: impl Fn(f32) -> E::T) -> (Vec<E::T>, Vec<f32>) {
+    let t: Vec<E::T> = x.iter().map(|&v| to(v)).collect();
+    let back = t.iter().map(|&v| E::to_f32(v)).collect();
+    (t, back)
+}
+
+/// `scores` and `pv` of `K` on elements `E` against plain loops, for 1..=13 lanes (every lane
+/// block size and remainder), one and two key groups, in-place strides and tails of `d`.
+///
+/// # Safety
+/// The CPU features `K` needs must be present.
+unsafe fn check_tiles<K: Kernels, E: Elem>(d: usize, to: impl Fn(f32) -> E::T + Copy) {
+    for lanes in 1..=13 {
+        for (n_groups, stride) in [(1, 16), (2, 16), (2, 48)] {
+            // Keys: `n_groups` groups of `[d][stride]`, the group's 16 keys at columns 0..16.
+            let (kt, kf) = stored::<E>(&data(2 * d * stride, 20 + lanes as u32), to);
+            let q = data(lanes * d, 12);
+            let mut out = vec![f32::NAN; lanes * TILE];
+            let tile = KtTile {
+                groups: [kt.as_ptr(), kt[d * stride..].as_ptr()],
+                n_groups,
+                stride,
+            };
+            // SAFETY: the caller guarantees `K`'s features; both groups hold `d` rows of
+            // `stride >= 16` elements.
+            unsafe { K::scores::<E>(&q, d, tile, 0.5, &mut out) };
+            for l in 0..lanes {
+                for g in 0..n_groups {
+                    for j in 0..16 {
+                        let want: f32 = (0..d)
+                            .map(|i| q[l * d + i] * kf[g * d * stride + i * stride + j])
+                            .sum();
+                        let got = out[l * TILE + 16 * g + j];
+                        assert!(
+                            (got - 0.5 * want).abs() < 1e-4,
+                            "scores d {d} lanes {lanes} g {g} j {j}: {got} vs {}",
+                            0.5 * want
+                        );
+                    }
+                }
+            }
+            // Score `(l, j)` is the same whatever the other lanes are.
+            for l in 0..lanes {
+                let mut one = vec![0f32; TILE];
+                // SAFETY: as above.
+                unsafe { K::scores::<E>(&q[l * d..][..d], d, tile, 0.5, &mut one) };
+                for j in 0..16 * n_groups {
+                    assert_eq!(one[j].to_bits(), out[l * TILE + j].to_bits(), "lane {l}");
+                }
+            }
+        }
+        // Values: `n` rows of `d` into `lanes` accumulators, with rescale factors.
+        let n = TILE - 3;
+        let (vt, vf) = stored::<E>(&data(n * d, 10 + lanes as u32), to);
+        let rows: Vec<*const E::T> = (0..n).map(|j| vt[j * d..].as_ptr()).collect();
+        let w = data(lanes * TILE, 9);
+        let corr: Vec<f32> = (0..lanes).map(|l| 1.0 - 0.1 * l as f32).collect();
+        let mut acc = data(lanes * d, 11);
+        let mut want = acc.clone();
+        for l in 0..lanes {
+            for x in 0..d {
+                want[l * d + x] *= corr[l];
+                for j in 0..n {
+                    want[l * d + x] += w[l * TILE + j] * vf[j * d + x];
+                }
+            }
+        }
+        // SAFETY: the caller guarantees `K`'s features; every row holds `d` elements.
+        unsafe { K::pv::<E>(&mut acc, d, &corr, &w, &rows) };
+        assert!(
+            acc.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-4),
+            "pv d {d} lanes {lanes}"
+        );
+    }
+}
+
 /// # Safety
 /// The CPU features `K` needs must be present.
 unsafe fn check<K: Kernels>() {
     for d in [1, 3, 8, 15, 16, 17, 20, 64, 80, 128] {
-        for n in 1..=9 {
-            let (q, k) = (data(n * d, 1), data(d, 2));
-            let stride = 3;
-            let mut got = vec![0f32; n * stride];
-            // SAFETY: the caller guarantees `K`'s features.
-            unsafe { K::dot_group(&q, d, &k, 0.5, &mut got, stride) };
-            for j in 0..n {
-                let want: f32 = q[j * d..][..d].iter().zip(&k).map(|(a, b)| a * b).sum();
-                assert!(
-                    (got[j * stride] - 0.5 * want).abs() < 1e-4,
-                    "dot d {d} n {n}"
-                );
-            }
-            let (mut acc, w, v) = (data(n * d, 3), data(n * stride, 4), data(d, 5));
-            let mut want = acc.clone();
-            for j in 0..n {
-                for x in 0..d {
-                    want[j * d + x] += w[j * stride] * v[x];
-                }
-            }
-            // SAFETY: as above.
-            unsafe { K::axpy_group(&mut acc, d, &w, stride, n, &v) };
-            assert!(acc.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
-        }
-        // A tile of key rows against 1..=5 lanes.
-        for lanes in 1..=5 {
-            let rows: Vec<Vec<f32>> = (0..TILE - 1).map(|j| data(d, 20 + j as u32)).collect();
-            let views: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
-            let q = data(lanes * d, 12);
-            let mut out = vec![0f32; lanes * TILE];
-            // SAFETY: as above.
-            unsafe { K::dot_tile(&q, d, &views, 0.5, &mut out) };
-            for l in 0..lanes {
-                for (j, r) in rows.iter().enumerate() {
-                    let want: f32 = q[l * d..][..d].iter().zip(r).map(|(a, b)| a * b).sum();
-                    assert!(
-                        (out[l * TILE + j] - 0.5 * want).abs() < 1e-4,
-                        "dot_tile d {d}"
-                    );
-                }
-            }
-        }
-        // A tile of value rows into 1..=5 lanes.
-        for lanes in 1..=5 {
-            let rows: Vec<Vec<f32>> = (0..TILE - 3).map(|j| data(d, 10 + j as u32)).collect();
-            let views: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
-            let w = data(lanes * TILE, 9);
-            let mut acc = data(lanes * d, 11);
-            let mut want = acc.clone();
-            for l in 0..lanes {
-                for (j, r) in rows.iter().enumerate() {
-                    for x in 0..d {
-                        want[l * d + x] += w[l * TILE + j] * r[x];
-                    }
-                }
-            }
-            // SAFETY: as above.
-            unsafe { K::axpy_tile(&mut acc, d, &w, &views) };
-            assert!(
-                acc.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-4),
-                "tile d {d}"
-            );
+        // SAFETY: the caller guarantees `K`'s features.
+        unsafe {
+            check_tiles::<K, F32E>(d, |x| x);
+            check_tiles::<K, F16E>(d, |x| half::f16::from_f32(x).to_bits());
+            check_tiles::<K, Bf16E>(d, |x| half::bf16::from_f32(x).to_bits());
         }
         let s = data(d, 8);
         // SAFETY: as above.
@@ -94,11 +115,6 @@ unsafe fn check<K: Kernels>() {
                 "exp d {d}: {g} vs {w}"
             );
         }
-        let mut y = data(d, 6);
-        let want: Vec<f32> = y.iter().map(|x| x * 0.25).collect();
-        // SAFETY: as above.
-        unsafe { K::scale(&mut y, 0.25) };
-        assert_eq!(y, want);
         let x = data(d, 7);
         let h: Vec<u16> = x
             .iter()
@@ -135,7 +151,7 @@ fn kernels_match_plain_loops() {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx2") && has!("fma") && has!("f16c") {
             // SAFETY: the features were just detected.
-            unsafe { check::<x86::Avx2>() };
+            unsafe { check::<avx2::Avx2>() };
         }
         if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
             // SAFETY: the features were just detected.
