@@ -40,6 +40,7 @@ pub use weights::{GgufMetadata, RopeStyle, WeightSource};
 pub mod declare;
 pub mod fingerprint;
 pub mod group;
+pub mod guard;
 pub mod loader;
 pub mod manifest;
 pub mod registrar;

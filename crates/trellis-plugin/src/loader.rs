@@ -308,7 +308,7 @@ impl LoadedPlugin {
     /// Calls a registering entry (groups other than `platform`) with `registrar`.
     pub fn register(&self, registrar: &mut dyn Registrar) -> Result<(), PluginLoadError> {
         let result = match self.callee {
-            Callee::Static(PluginEntry::Register(f)) => call_register(f, registrar),
+            Callee::Static(PluginEntry::Register(f)) => call_register(&self.name, f, registrar),
             Callee::Static(PluginEntry::Platform(_)) => Err("not a registering entry".into()),
             Callee::Library(lib) => {
                 let mut result = Ok(());
@@ -328,7 +328,7 @@ impl LoadedPlugin {
     /// Calls a `platform` entry: the platform if it activates here.
     pub fn platform(&self) -> Result<Option<Arc<dyn Platform>>, PluginLoadError> {
         let result = match self.callee {
-            Callee::Static(PluginEntry::Platform(f)) => call_platform(f),
+            Callee::Static(PluginEntry::Platform(f)) => call_platform(&self.name, f),
             Callee::Static(PluginEntry::Register(_)) => Err("not a platform entry".into()),
             Callee::Library(lib) => {
                 let mut result = Ok(None);

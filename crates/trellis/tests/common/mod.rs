@@ -29,6 +29,8 @@ pub fn trellis(dirs: &[&Path]) -> Command {
         "VLLM_ATTENTION_BACKEND",
         "DUMMY_MODEL_FAIL",
         "DUMMY_PLATFORM_B",
+        "DUMMY_MODEL_PANIC_TOKEN",
+        "EXAMPLE_ATTENTION_PANIC_QUERY_LEN",
     ] {
         c.env_remove(var);
     }
