@@ -42,6 +42,7 @@ pub mod fingerprint;
 pub mod group;
 pub mod guard;
 pub mod loader;
+mod log;
 pub mod manifest;
 pub mod registrar;
 pub mod report;

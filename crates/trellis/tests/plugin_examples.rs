@@ -509,3 +509,84 @@ fn plugin_attention_forward_panic_fails_the_request_and_serve_keeps_serving() {
         assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
     }
 }
+
+/// Issue 11, spec §1.2: every run logs the discovered plugins per group (INFO, DEBUG for the
+/// general group) and which of them ran.
+#[test]
+fn discovered_plugins_and_those_that_ran_are_logged_per_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write_input(tmp.path(), "{\"prompt\": \"hi\"}\n");
+    for level in [None, Some("DEBUG")] {
+        let mut cmd = with(&[DUMMY_PLATFORM]);
+        if let Some(l) = level {
+            cmd.env("VLLM_LOGGING_LEVEL", l);
+        }
+        generate(
+            &mut cmd,
+            &default_model(),
+            &input,
+            &tmp.path().join("o"),
+            &["--max-tokens", "1"],
+        );
+        let (code, _, err) = run(&mut cmd);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            err.contains("INFO trellis: Available plugins for group vllm.platform_plugins:"),
+            "{err}"
+        );
+        assert!(
+            err.contains("INFO trellis: - dummy_platform_plugin -> "),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "All plugins in this group will be loaded. Set `VLLM_PLUGINS` to control which \
+                 plugins to load."
+            ),
+            "{err}"
+        );
+        let ran = |group: &str| {
+            let prefix = format!("INFO trellis: Plugins run for group {group}: ");
+            err.lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?}: {err}"))
+                .to_string()
+        };
+        assert!(
+            ran("vllm.general_plugins").contains("register_dummy_attention"),
+            "{err}"
+        );
+        let platforms = ran("vllm.platform_plugins");
+        assert!(
+            platforms.contains("dummy_platform_plugin (activated)")
+                && platforms.contains("dummy_platform_plugin_b (not activated)"),
+            "{platforms}"
+        );
+        let general_listed =
+            err.contains("DEBUG trellis: Available plugins for group vllm.general_plugins:");
+        assert_eq!(general_listed, level.is_some(), "{err}");
+    }
+    // With VLLM_PLUGINS, each allowed plugin is announced and the others are listed as not run.
+    let mut cmd = with(&[DUMMY_PLATFORM]);
+    cmd.env(
+        "VLLM_PLUGINS",
+        "dummy_platform_plugin,register_dummy_attention",
+    );
+    generate(
+        &mut cmd,
+        &default_model(),
+        &input,
+        &tmp.path().join("o"),
+        &["--max-tokens", "1"],
+    );
+    let (code, _, err) = run(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("INFO trellis: Loading plugin dummy_platform_plugin"),
+        "{err}"
+    );
+    assert!(
+        err.contains("dummy_platform_plugin_b (filtered out by VLLM_PLUGINS)"),
+        "{err}"
+    );
+}

@@ -128,3 +128,104 @@ fn compiled_in_plugin_is_listed() {
     let (out, _) = list(trellis(None).env("VLLM_PLUGINS", ""));
     assert!(line(&out, DUMMY_MODEL, false).ends_with("filtered out by VLLM_PLUGINS"));
 }
+
+/// `trellis generate` of one short prompt with the default model into `dir/out.jsonl`; returns
+/// (exit code, stderr, the output path).
+fn generate(cmd: &mut Command, dir: &Path) -> (i32, String, PathBuf) {
+    let input = dir.join("in.jsonl");
+    std::fs::write(&input, "{\"prompt\": \"The capital of France is\"}\n")
+        .expect("write the input");
+    let output = dir.join("out.jsonl");
+    cmd.arg("generate")
+        .args(common::SMALL)
+        .arg("--model")
+        .arg(common::default_model())
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .args(["--max-tokens", "2"]);
+    let (code, _, err) = common::run(cmd);
+    (code, err, output)
+}
+
+/// Issue 11, vLLM's failure policy (spec §1.4): a library that cannot be loaded (its `.so` is
+/// gone) or is refused (built by another rustc) is logged at ERROR with the plugin's name, the
+/// reason and the fix, and skipped: the model is still served. When `VLLM_PLUGINS` names it
+/// explicitly, startup fails instead. (Run-time plugins only: compiled in, the library would
+/// be a duplicate of the linked-in entry and never opened.)
+#[cfg(not(feature = "example-plugins"))]
+#[test]
+fn stale_library_is_skipped_with_an_error_unless_vllm_plugins_names_it() {
+    for breakage in ["missing library", "other rustc"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let folder = tmp.path().join("plugins").join("dummy-model");
+        std::fs::create_dir_all(&folder).unwrap();
+        for f in std::fs::read_dir(installed().join("dummy-model")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, folder.join(f.file_name().unwrap())).unwrap();
+        }
+        let manifest = folder.join("trellis-plugin.toml");
+        let (reason, fix) = match breakage {
+            "missing library" => {
+                let lib = folder.join("libdummy_model.so");
+                std::fs::remove_file(&lib).unwrap();
+                ("cannot load", "trellis plugins build")
+            }
+            _ => {
+                let text = std::fs::read_to_string(&manifest).unwrap();
+                std::fs::write(&manifest, text.replace("rustc ", "rustc 0.0.0-other ")).unwrap();
+                (
+                    "was built for another trellis",
+                    "rebuild it with this trellis",
+                )
+            }
+        };
+        let plugins = tmp.path().join("plugins");
+        let (code, err, output) = generate(&mut trellis(Some(&plugins)), tmp.path());
+        assert_eq!(code, 0, "{breakage}: {err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("ERROR trellis: Failed to load plugin register_dummy_model: "))
+            .unwrap_or_else(|| panic!("{breakage}: no ERROR line: {err}"));
+        assert!(line.contains(reason), "{line}");
+        assert!(line.contains(fix), "{line}");
+        assert!(line.contains("skipped"), "{line}");
+        assert!(
+            err.contains("not run: register_dummy_model (failed to load)"),
+            "{err}"
+        );
+        assert_eq!(common::output_token_ids(&output)[0].len(), 2);
+
+        let (code, err, _) = generate(
+            trellis(Some(&plugins)).env("VLLM_PLUGINS", DUMMY_MODEL),
+            tmp.path(),
+        );
+        common::one_error_line(
+            code,
+            &err,
+            &[
+                "register_dummy_model",
+                reason,
+                "VLLM_PLUGINS names 'register_dummy_model' explicitly",
+            ],
+        );
+    }
+}
+
+/// Issue 11: a broken manifest is reported once, although discovery runs once per group.
+#[test]
+fn broken_manifest_is_reported_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("plugins").join("broken");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("trellis-plugin.toml"), "not = [a manifest").unwrap();
+    let (code, err, _) = generate(&mut trellis(Some(&tmp.path().join("plugins"))), tmp.path());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err.matches("WARNING trellis: skipping a plugin folder")
+            .count(),
+        1,
+        "{err}"
+    );
+}
