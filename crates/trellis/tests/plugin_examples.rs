@@ -590,3 +590,70 @@ fn discovered_plugins_and_those_that_ran_are_logged_per_group() {
         "{err}"
     );
 }
+
+/// Issue 11: a registration that replaces an existing backend is a WARNING (vLLM's
+/// `register_backend` on an existing member overrides it).
+#[test]
+fn overriding_a_builtin_backend_warns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write_input(tmp.path(), "{\"prompt\": \"hi\"}\n");
+    let mut cmd = with(&[CUSTOM_ATTENTION]);
+    cmd.env("EXAMPLE_ATTENTION_NAME", "CPU_REFERENCE");
+    generate(
+        &mut cmd,
+        &default_model(),
+        &input,
+        &tmp.path().join("o"),
+        &["--max-tokens", "1", "--attention-backend", "CPU_REFERENCE"],
+    );
+    let (code, _, err) = run(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(
+            "WARNING trellis: Attention backend CPU_REFERENCE is already registered, and will be \
+             overwritten by the new registration."
+        ),
+        "{err}"
+    );
+    // Without the override, no warning.
+    let mut cmd = with(&[CUSTOM_ATTENTION]);
+    generate(
+        &mut cmd,
+        &default_model(),
+        &input,
+        &tmp.path().join("o"),
+        &["--max-tokens", "1"],
+    );
+    let (code, _, err) = run(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("is already registered"), "{err}");
+}
+
+/// Issue 11, spec §2.4: on the CPU a requested backend that cannot run here (a vLLM name
+/// without an implementation in Trellis) is ignored with vLLM's INFO line and CPU_ATTN is used;
+/// the greedy tokens are CPU_ATTN's.
+#[test]
+fn cpu_ignores_an_unusable_backend_with_vllm_info_and_uses_cpu_attn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write_input(tmp.path(), "{\"prompt\": \"The capital of France is\"}\n");
+    let mut ids = Vec::new();
+    for backend in ["FLASH_ATTN", "CPU_ATTN"] {
+        let output = tmp.path().join(format!("{backend}.jsonl"));
+        let mut cmd = with(&[]);
+        cmd.env("VLLM_TARGET_DEVICE", "cpu");
+        generate(
+            &mut cmd,
+            &default_model(),
+            &input,
+            &output,
+            &["--max-tokens", "4", "--attention-backend", backend],
+        );
+        let (code, _, err) = run(&mut cmd);
+        assert_eq!(code, 0, "{backend}: {err}");
+        let info = "INFO trellis: Cannot use FLASH_ATTN backend on CPU.";
+        assert_eq!(err.contains(info), backend == "FLASH_ATTN", "{err}");
+        assert!(err.contains("Using attention backend CPU_ATTN"), "{err}");
+        ids.push(output_token_ids(&output));
+    }
+    assert_eq!(ids[0], ids[1]);
+}

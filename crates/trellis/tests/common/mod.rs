@@ -31,6 +31,7 @@ pub fn trellis(dirs: &[&Path]) -> Command {
         "DUMMY_PLATFORM_B",
         "DUMMY_MODEL_PANIC_TOKEN",
         "EXAMPLE_ATTENTION_PANIC_QUERY_LEN",
+        "EXAMPLE_ATTENTION_NAME",
     ] {
         c.env_remove(var);
     }

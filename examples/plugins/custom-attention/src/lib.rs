@@ -71,8 +71,12 @@ impl AttentionImpl for PanicOnQueryLen {
 
 /// The general-plugin entry: registers `EXAMPLE_ATTENTION` (idempotent: re-registering a
 /// name replaces it).
+///
+/// `EXAMPLE_ATTENTION_NAME=OTHER` registers it under OTHER instead (the tests override a
+/// built-in name that way: vLLM's `register_backend` on an existing member).
 pub fn register(registrar: &mut dyn Registrar) -> RegisterResult {
-    registrar.register_attention_backend(NAME, Arc::new(ExampleAttention))?;
+    let name = std::env::var("EXAMPLE_ATTENTION_NAME").unwrap_or_else(|_| NAME.to_string());
+    registrar.register_attention_backend(&name, Arc::new(ExampleAttention))?;
     Ok(())
 }
 
