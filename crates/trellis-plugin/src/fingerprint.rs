@@ -16,9 +16,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 
 /// The compile-time half of the fingerprint of this build of `trellis-plugin`.
+///
+/// Its parts, separated by `; `: the crate's version and the hash of its source (every file of
+/// `src/` and `build.rs`: a change to a trait, even one that keeps the version, changes it),
+/// the source hash of `trellis-sched` (a shared path crate), `rustc -V`, the target triple and
+/// the enabled features. Paths are not part of it: a byte-identical copy elsewhere (a git
+/// checkout) has the same fingerprint.
 pub const BUILD_FINGERPRINT: &str = concat!(
     "trellis-plugin ",
     env!("CARGO_PKG_VERSION"),
+    " source ",
+    env!("TRELLIS_PLUGIN_SOURCE_HASH"),
+    "; trellis-sched source ",
+    env!("TRELLIS_PLUGIN_SCHED_SOURCE_HASH"),
     "; ",
     env!("TRELLIS_PLUGIN_RUSTC_VERSION"),
     "; target ",
@@ -32,6 +42,10 @@ pub const BUILD_FINGERPRINT: &str = concat!(
 pub(crate) const BUILD_FINGERPRINT_C: &str = concat!(
     "trellis-plugin ",
     env!("CARGO_PKG_VERSION"),
+    " source ",
+    env!("TRELLIS_PLUGIN_SOURCE_HASH"),
+    "; trellis-sched source ",
+    env!("TRELLIS_PLUGIN_SCHED_SOURCE_HASH"),
     "; ",
     env!("TRELLIS_PLUGIN_RUSTC_VERSION"),
     "; target ",
@@ -40,6 +54,43 @@ pub(crate) const BUILD_FINGERPRINT_C: &str = concat!(
     env!("TRELLIS_PLUGIN_FEATURES"),
     "]\0"
 );
+
+/// What differs between two fingerprints, part by part, as a sentence fragment: `the
+/// trellis-plugin source (plugin: …; this trellis: …)`, or `rustc (…)`. Empty when equal.
+pub fn fingerprint_difference(plugin: &str, host: &str) -> String {
+    let (p, h): (Vec<&str>, Vec<&str>) = (plugin.split("; ").collect(), host.split("; ").collect());
+    let label = |part: &str| -> String {
+        if part.starts_with("trellis-plugin ") {
+            "the trellis-plugin API (version and source)".to_string()
+        } else if part.starts_with("trellis-sched source") {
+            "the trellis-sched source".to_string()
+        } else if part.starts_with("rustc") {
+            "the rustc".to_string()
+        } else if part.starts_with("target") {
+            "the target".to_string()
+        } else if part.starts_with("features") {
+            "the trellis-plugin features".to_string()
+        } else {
+            "the build".to_string()
+        }
+    };
+    let n = p.len().max(h.len());
+    (0..n)
+        .filter_map(|i| {
+            let (a, b) = (
+                p.get(i).copied().unwrap_or(""),
+                h.get(i).copied().unwrap_or(""),
+            );
+            (a != b).then(|| {
+                format!(
+                    "{} (plugin: {a}; this trellis: {b})",
+                    label(if b.is_empty() { a } else { b })
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// The crate whose dependency closure is "shared" between host and plugins.
 const ROOT_CRATE: &str = "trellis-plugin";
@@ -126,5 +177,28 @@ pub(crate) fn host_shared_crates_hash() -> Result<String, String> {
              not called), so it cannot check run-time plugins"
                 .to_string(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn difference_names_each_differing_part() {
+        assert_eq!(
+            fingerprint_difference(BUILD_FINGERPRINT, BUILD_FINGERPRINT),
+            ""
+        );
+        let other_source = BUILD_FINGERPRINT.replacen(" source fnv1a64:", " source fnv1a64:0", 1);
+        let d = fingerprint_difference(&other_source, BUILD_FINGERPRINT);
+        assert!(
+            d.starts_with("the trellis-plugin API (version and source) (plugin: trellis-plugin "),
+            "{d}"
+        );
+        assert!(!d.contains("rustc"), "{d}");
+        let other_rustc = BUILD_FINGERPRINT.replace("rustc ", "rustc 0.0.0-other ");
+        let d = fingerprint_difference(&other_rustc, BUILD_FINGERPRINT);
+        assert!(d.starts_with("the rustc (plugin: rustc 0.0.0-other"), "{d}");
     }
 }

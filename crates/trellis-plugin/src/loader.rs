@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::declare::{LibraryCall, PluginEntry, call_platform, call_register, compiled_in_plugins};
-use crate::fingerprint::{BUILD_FINGERPRINT, host_shared_crates_hash};
+use crate::fingerprint::{BUILD_FINGERPRINT, fingerprint_difference, host_shared_crates_hash};
 use crate::group::PluginGroup;
 use crate::log::{Level, log};
 use crate::manifest::{MANIFEST_FILE, PluginManifest, plugin_dirs};
@@ -34,19 +34,19 @@ pub enum PluginLoadError {
     },
     /// The library was built for another host (fingerprint mismatch); none of its code ran.
     #[error(
-        "plugin '{name}' refused: {} was built for another trellis (plugin: {found}; this \
-         trellis: {expected}); rebuild it with this trellis: trellis plugins build {rebuild}",
+        "plugin '{name}' refused: {} was built for another trellis: {difference} differ; \
+         rebuild it with this trellis: trellis plugins build {rebuild} ({fingerprints})",
         library.display()
     )]
     Incompatible {
         /// The entry's name.
         name: String,
+        /// What differs ([`crate::fingerprint::fingerprint_difference`]).
+        difference: String,
         /// The manifest or library that was refused.
         library: PathBuf,
-        /// The host's fingerprint.
-        expected: String,
-        /// The plugin's fingerprint.
-        found: String,
+        /// Both fingerprints in full: `plugin: …; this trellis: …`.
+        fingerprints: String,
         /// The crate directory to rebuild (or `PATH`).
         rebuild: String,
     },
@@ -238,11 +238,25 @@ fn open_library(
         message,
     })?;
     if m.fingerprint != BUILD_FINGERPRINT || m.shared_crates != host_lock {
+        let mut difference = fingerprint_difference(&m.fingerprint, BUILD_FINGERPRINT);
+        if m.shared_crates != host_lock {
+            if !difference.is_empty() {
+                difference.push_str(", ");
+            }
+            difference.push_str(&format!(
+                "the shared crates locked in Cargo.lock (plugin: {}; this trellis: {host_lock})",
+                m.shared_crates
+            ));
+        }
         return Err(PluginLoadError::Incompatible {
             name: name.to_string(),
+            difference,
             library: manifest_path,
-            expected: format!("{BUILD_FINGERPRINT}; shared crates {host_lock}"),
-            found: format!("{}; shared crates {}", m.fingerprint, m.shared_crates),
+            fingerprints: format!(
+                "plugin: {}; shared crates {}; this trellis: {BUILD_FINGERPRINT}; shared crates \
+                 {host_lock}",
+                m.fingerprint, m.shared_crates
+            ),
             rebuild: rebuild_hint(m),
         });
     }
@@ -280,9 +294,9 @@ fn open_library(
     if found != BUILD_FINGERPRINT {
         return Err(PluginLoadError::Incompatible {
             name: name.to_string(),
+            difference: fingerprint_difference(&found, BUILD_FINGERPRINT),
             library: path.clone(),
-            expected: BUILD_FINGERPRINT.to_string(),
-            found,
+            fingerprints: format!("plugin: {found}; this trellis: {BUILD_FINGERPRINT}"),
             rebuild: rebuild_hint(m),
         });
     }
@@ -679,9 +693,11 @@ pub fn library_entries(
     };
     if found != BUILD_FINGERPRINT {
         return Err(format!(
-            "{} was built with [{found}] but this trellis is [{BUILD_FINGERPRINT}]: build with \
-             the toolchain and trellis-plugin version of this trellis",
-            path.display()
+            "{} was built for another trellis: {} differ; build it against the trellis-plugin \
+             source and with the toolchain of this trellis (plugin: [{found}]; this trellis: \
+             [{BUILD_FINGERPRINT}])",
+            path.display(),
+            fingerprint_difference(&found, BUILD_FINGERPRINT)
         ));
     }
     let entry_sym = format!("trellis_plugin_entry_{crate_name}");

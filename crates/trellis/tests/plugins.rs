@@ -229,3 +229,112 @@ fn broken_manifest_is_reported_once() {
         "{err}"
     );
 }
+
+/// Copies the file or directory `from` to `to`, leaving out `target` directories and
+/// `Cargo.lock`.
+fn copy_tree(from: &Path, to: &Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).expect("create a directory");
+        for e in std::fs::read_dir(from).expect("read a directory") {
+            let e = e.expect("read a directory entry");
+            let name = e.file_name();
+            if name == "target" || name == "Cargo.lock" {
+                continue;
+            }
+            copy_tree(&e.path(), &to.join(name));
+        }
+    } else {
+        std::fs::copy(from, to).expect("copy a file");
+    }
+}
+
+/// Issue 11, a sound fingerprint: the fingerprint identifies the trellis-plugin *source*, not
+/// its version string. A byte-identical copy of trellis-plugin elsewhere (as a git checkout
+/// would be) gives the same fingerprint: the plugin builds and loads. A copy whose `Platform`
+/// trait has two methods swapped (same version) is refused by `plugins build` and at load
+/// time, with a sentence naming what differs and how to rebuild.
+#[cfg(not(feature = "example-plugins"))]
+#[test]
+fn swapped_trait_methods_are_refused_and_an_identical_copy_is_accepted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ws = tmp.path().join("ws");
+    let repo = common::repo();
+    // A workspace with copies of trellis-plugin and the crate it shares, and of dummy-platform.
+    let root = std::fs::read_to_string(repo.join("Cargo.toml")).unwrap();
+    let root = root.replace(
+        "members = [\"crates/*\"]",
+        "members = [\"crates/trellis-plugin\", \"crates/trellis-sched\"]",
+    );
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::write(ws.join("Cargo.toml"), root).unwrap();
+    for c in [
+        "crates/trellis-plugin",
+        "crates/trellis-sched",
+        "examples/plugins/dummy-platform",
+    ] {
+        copy_tree(&repo.join(c), &ws.join(c));
+    }
+    let example = ws.join("examples/plugins/dummy-platform");
+    let build = |plugins: &Path| {
+        let (target, _lock) = common::build_lock();
+        let out = common::run(
+            common::trellis(&[plugins])
+                .args(["plugins", "build", "--debug"])
+                .arg(&example)
+                .env("CARGO_TARGET_DIR", &target),
+        );
+        // The library just built, before another build replaces it.
+        let lib = tmp.path().join("built.so");
+        std::fs::copy(target.join("debug/libdummy_platform.so"), &lib).unwrap();
+        (out, lib)
+    };
+
+    // Byte-identical: accepted, and the library is the one listed.
+    let identical = tmp.path().join("identical");
+    let ((code, _, err), _) = build(&identical);
+    assert_eq!(code, 0, "an identical copy must be accepted: {err}");
+    let (out, _) = list(&mut trellis(Some(&identical)));
+    assert!(
+        line(&out, "dummy_platform_plugin", true).ends_with("loaded (activated: DummyDevice)"),
+        "{out}"
+    );
+
+    // Two methods of the Platform trait swapped, same version: refused by plugins build.
+    let platform = ws.join("crates/trellis-plugin/src/platform.rs");
+    let text = std::fs::read_to_string(&platform).unwrap();
+    let (a, b) = (
+        "    fn device_name(&self) -> &str;",
+        "    fn device_type(&self) -> &str;",
+    );
+    assert!(text.contains(a) && text.contains(b));
+    let swapped = text.replace(a, "@A@").replace(b, a).replace("@A@", b);
+    std::fs::write(&platform, swapped).unwrap();
+    let swapped_dir = tmp.path().join("swapped");
+    let ((code, _, err), lib) = build(&swapped_dir);
+    assert_ne!(code, 0, "the swapped trait must be refused: {err}");
+    assert!(
+        err.contains("was built for another trellis: the trellis-plugin API (version and source)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("differ; build it against the trellis-plugin source"),
+        "{err}"
+    );
+
+    // The same library put in place of an accepted one: refused at load time, never called.
+    let folder = identical.join("dummy-platform");
+    std::fs::copy(&lib, folder.join("libdummy_platform.so")).unwrap();
+    let (out, _) = list(&mut trellis(Some(&identical)));
+    let l = line(&out, "dummy_platform_plugin", true);
+    assert!(l.contains("refused"), "{l}");
+    assert!(
+        l.contains(
+            "the trellis-plugin API (version and source) (plugin: trellis-plugin 0.1.0 source"
+        ),
+        "{l}"
+    );
+    assert!(
+        l.contains("rebuild it with this trellis: trellis plugins build"),
+        "{l}"
+    );
+}
