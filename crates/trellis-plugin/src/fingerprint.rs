@@ -92,11 +92,16 @@ pub fn fingerprint_difference(plugin: &str, host: &str) -> String {
         .join(", ")
 }
 
+/// The shared crates whose source [`BUILD_FINGERPRINT`] hashes.
+const SOURCE_HASHED: &[&str] = &["trellis-plugin", "trellis-sched"];
+
 /// The crate whose dependency closure is "shared" between host and plugins.
 const ROOT_CRATE: &str = "trellis-plugin";
 
-/// A hash (`fnv1a64:<hex>`) of the name, version and source of `trellis-plugin` and of every
-/// crate it depends on, transitively, as recorded in the text of a `Cargo.lock`.
+/// A hash (`fnv1a64:<hex>`) of the identity of `trellis-plugin` and of every crate it depends
+/// on, transitively, as recorded in the text of a `Cargo.lock`: name, version, source and
+/// registry checksum; for the crates whose source [`BUILD_FINGERPRINT`] hashes, name and
+/// version only (so that a git checkout of the same source is accepted).
 ///
 /// Errors when the text is not a Cargo.lock or does not contain `trellis-plugin`.
 pub fn shared_crates_hash(cargo_lock: &str) -> Result<String, String> {
@@ -125,6 +130,8 @@ pub fn shared_crates(cargo_lock: &str) -> Result<BTreeSet<String>, String> {
         #[serde(default)]
         source: Option<String>,
         #[serde(default)]
+        checksum: Option<String>,
+        #[serde(default)]
         dependencies: Vec<String>,
     }
     let lock: Lock = toml::from_str(cargo_lock).map_err(|e| format!("not a Cargo.lock: {e}"))?;
@@ -147,8 +154,19 @@ pub fn shared_crates(cargo_lock: &str) -> Result<BTreeSet<String>, String> {
     let mut seen = BTreeSet::new();
     let mut stack = vec![root];
     while let Some(p) = stack.pop() {
-        let source = p.source.as_deref().unwrap_or("path");
-        if seen.insert(format!("{} {} {}", p.name, p.version, source)) {
+        // The crates whose source BUILD_FINGERPRINT hashes are identified by it, wherever they
+        // come from (a path, a git checkout of the same commit); the others by their source
+        // and, from a registry, the checksum of the package.
+        let source = match p.source.as_deref() {
+            _ if SOURCE_HASHED.contains(&p.name.as_str()) => "source in BUILD_FINGERPRINT",
+            Some(s) => s,
+            None => "path",
+        };
+        let id = match &p.checksum {
+            Some(c) => format!("{} {} {source} {c}", p.name, p.version),
+            None => format!("{} {} {source}", p.name, p.version),
+        };
+        if seen.insert(id) {
             stack.extend(p.dependencies.iter().filter_map(|d| lookup(d)));
         }
     }

@@ -249,13 +249,13 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 /// Issue 11, a sound fingerprint: the fingerprint identifies the trellis-plugin *source*, not
-/// its version string. A byte-identical copy of trellis-plugin elsewhere (as a git checkout
-/// would be) gives the same fingerprint: the plugin builds and loads. A copy whose `Platform`
+/// its version string. A byte-identical copy of trellis-plugin elsewhere, as a path and as a
+/// git dependency, gives the same fingerprint: the plugin builds and loads. A copy whose `Platform`
 /// trait has two methods swapped (same version) is refused by `plugins build` and at load
 /// time, with a sentence naming what differs and how to rebuild.
 #[cfg(not(feature = "example-plugins"))]
 #[test]
-fn swapped_trait_methods_are_refused_and_an_identical_copy_is_accepted() {
+fn swapped_trait_methods_are_refused_and_identical_path_and_git_copies_are_accepted() {
     let tmp = tempfile::tempdir().unwrap();
     let ws = tmp.path().join("ws");
     let repo = common::repo();
@@ -298,6 +298,39 @@ fn swapped_trait_methods_are_refused_and_an_identical_copy_is_accepted() {
         line(&out, "dummy_platform_plugin", true).ends_with("loaded (activated: DummyDevice)"),
         "{out}"
     );
+
+    // A git dependency on the same source (the copy committed to a local repository): the
+    // same fingerprint and shared-crates identity, accepted.
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+            .args(args)
+            .current_dir(&ws)
+            .output()
+            .expect("run git");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A", "crates", "Cargo.toml"]);
+    git(&["commit", "-q", "-m", "trellis-plugin"]);
+    let cargo_toml = example.join("Cargo.toml");
+    let path_dep = std::fs::read_to_string(&cargo_toml).unwrap();
+    let from = "trellis-plugin = { path = \"../../../crates/trellis-plugin\" }";
+    assert!(path_dep.contains(from), "{path_dep}");
+    let url = format!("trellis-plugin = {{ git = \"file://{}\" }}", ws.display());
+    std::fs::write(&cargo_toml, path_dep.replace(from, &url)).unwrap();
+    let from_git = tmp.path().join("from-git");
+    let ((code, _, err), _) = build(&from_git);
+    assert_eq!(
+        code, 0,
+        "a git dependency on the same source must be accepted: {err}"
+    );
+    let (out, _) = list(&mut trellis(Some(&from_git)));
+    assert!(
+        line(&out, "dummy_platform_plugin", true).ends_with("loaded (activated: DummyDevice)"),
+        "{out}"
+    );
+    std::fs::write(&cargo_toml, path_dep).unwrap();
 
     // Two methods of the Platform trait swapped, same version: refused by plugins build.
     let platform = ws.join("crates/trellis-plugin/src/platform.rs");
