@@ -657,3 +657,32 @@ fn cpu_ignores_an_unusable_backend_with_vllm_info_and_uses_cpu_attn() {
     }
     assert_eq!(ids[0], ids[1]);
 }
+
+/// Issue 11: a plugin whose registration panics (inside a library: a foreign exception to the
+/// host) stops start-up with one `error:` line naming it, not an abort.
+#[test]
+fn panicking_registration_is_one_error_line_naming_the_plugin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write_input(tmp.path(), "{\"prompt\": \"hi\"}\n");
+    let mut cmd = with(&[DUMMY_MODEL]);
+    cmd.env("DUMMY_MODEL_FAIL", "panic");
+    generate(
+        &mut cmd,
+        &default_model(),
+        &input,
+        &tmp.path().join("o"),
+        &[],
+    );
+    let (code, _, err) = run(&mut cmd);
+    assert_ne!(code, 0, "{err}");
+    assert_ne!(code, 101, "{err}");
+    assert_ne!(code, 134, "aborted: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains(
+            "plugin 'register_dummy_model' (general) failed: panicked: DUMMY_MODEL_FAIL=panic"
+        ),
+        "{err}"
+    );
+}

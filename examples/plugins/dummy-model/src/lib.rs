@@ -54,9 +54,12 @@ impl Model for AlwaysZero {
 
 /// The general-plugin entry: registers `MyLlamaForCausalLM` unless it is already there.
 ///
-/// Setting `DUMMY_MODEL_FAIL` makes it fail instead: the tests use it to check that a failing
-/// plugin stops startup with its name.
+/// Setting `DUMMY_MODEL_FAIL` makes it fail instead (`DUMMY_MODEL_FAIL=panic`: panic): the
+/// tests use it to check that a failing plugin stops startup with its name.
 pub fn register(registrar: &mut dyn Registrar) -> RegisterResult {
+    if std::env::var_os("DUMMY_MODEL_FAIL").is_some_and(|v| v == "panic") {
+        panic!("DUMMY_MODEL_FAIL=panic");
+    }
     if std::env::var_os("DUMMY_MODEL_FAIL").is_some() {
         return Err("DUMMY_MODEL_FAIL is set".into());
     }
