@@ -6,7 +6,10 @@
 use std::sync::Arc;
 
 use candle_core::DType;
-use trellis_plugin::{AttentionBackendRegistry, Platform, PlatformConfig, PluginError};
+use trellis_plugin::{
+    AttentionBackendRegistry, AttentionSelection, AttentionSelectorConfig, Platform,
+    PlatformConfig, PluginError,
+};
 
 use crate::cpu_attn::cpu_attn_backend;
 use crate::reference::cpu_reference_backend;
@@ -171,6 +174,32 @@ impl Platform for CpuPlatform {
             crate::cpu_attn::CPU_ATTN.to_string(),
             crate::reference::CPU_REFERENCE.to_string(),
         ]
+    }
+
+    /// vLLM's CPU rule (spec §2.4): a requested backend that cannot run here — one of vLLM's
+    /// names without an implementation in this build (`FLASH_ATTN`, ...), or `CUSTOM` while
+    /// unregistered — is ignored with vLLM's INFO "Cannot use X backend on CPU." and the
+    /// automatic choice (`CPU_ATTN` first) is used instead; no error. A requested backend that
+    /// has an implementation (`CPU_ATTN`, `CPU_REFERENCE`, a plugin's) is validated and never
+    /// replaced, as on validated platforms: unlike vLLM, Trellis runs more than one backend on
+    /// the CPU.
+    fn get_attn_backend(
+        &self,
+        requested: Option<&str>,
+        config: &AttentionSelectorConfig,
+        registry: &AttentionBackendRegistry,
+    ) -> Result<AttentionSelection, PluginError> {
+        let priority = self.attention_backend_priority();
+        let requested = registry.parse_choice(requested)?;
+        if let Some(name) = requested.as_deref()
+            && !registry.is_registered(name)
+        {
+            eprintln!("INFO trellis: Cannot use {name} backend on CPU.");
+            let mut selection = registry.select(None, config, self.device_name(), &priority)?;
+            selection.reason = format!("{name} cannot be used on CPU; {}", selection.reason);
+            return Ok(selection);
+        }
+        registry.select(requested.as_deref(), config, self.device_name(), &priority)
     }
 
     fn describe(&self) -> String {

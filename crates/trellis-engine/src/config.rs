@@ -28,6 +28,9 @@ pub struct EngineConfig {
     pub max_model_len: Option<usize>,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// Whether the user chose [`EngineConfig::block_size`] (`--block-size`): only then does
+    /// the attention selector check backends against it (vLLM, spec §3.3).
+    pub block_size_from_user: bool,
     /// Element type of the KV cache (`--kv-cache-dtype`); `None` is vLLM's `auto`: the model's
     /// dtype (f32 on the CPU). Memory accounting uses its size, so f16/bf16 fit twice the
     /// blocks of f32 in the same budget.
@@ -87,6 +90,7 @@ impl EngineConfig {
             model: model.into(),
             max_model_len: None,
             block_size: 16,
+            block_size_from_user: false,
             kv_cache_dtype: None,
             kv_cache_memory: None,
             num_kv_blocks: None,

@@ -81,7 +81,15 @@ impl ModelRunner {
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
         let attn_layers = (0..c.num_layers)
-            .map(|_| backend.new_layer(&spec, shape, device))
+            // Guarded: a plugin's model calls these layers, and a panic in them must not
+            // unwind through its frames (trellis_plugin::guard).
+            .map(|_| {
+                let layer = backend.new_layer(&spec, shape, device)?;
+                Ok(trellis_plugin::guard::guard_host_layer(
+                    backend.name(),
+                    layer,
+                ))
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(ModelRunner {
             model,

@@ -114,7 +114,8 @@ pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Se
         num_kv_heads: m.num_kv_heads,
         dtype: pc.dtype,
         kv_cache_dtype: pc.kv_cache_dtype,
-        block_size: Some(pc.block_size),
+        // Only a block size the user chose constrains the backend (vLLM, spec §3.3).
+        block_size: config.block_size_from_user.then_some(pc.block_size),
     };
     let attention = platform.get_attn_backend(
         pc.attention_backend.as_deref(),

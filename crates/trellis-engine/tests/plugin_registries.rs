@@ -61,6 +61,48 @@ impl AttentionBackend for Only128 {
     }
 }
 
+/// A backend whose kernels need blocks of a multiple of 32 tokens.
+struct Block32;
+
+impl AttentionBackend for Block32 {
+    fn name(&self) -> &str {
+        "BLOCK_32"
+    }
+    fn supported_block_sizes(&self) -> Vec<usize> {
+        vec![32]
+    }
+    fn new_layer(
+        &self,
+        spec: &KvCacheSpec,
+        shape: AttentionShape,
+        device: &Device,
+    ) -> CResult<Box<dyn AttentionImpl>> {
+        trellis_cpu::cpu_reference_backend().new_layer(spec, shape, device)
+    }
+}
+
+/// Spec §3.3: the block size reaches the backend's validation only when the user chose it.
+#[test]
+fn block_size_is_validated_only_when_the_user_set_it() {
+    let mut regs = builtin_registries();
+    regs.register_attention_backend("BLOCK_32", Arc::new(Block32))
+        .expect("registers");
+    let mut c = config();
+    c.attention_backend = Some("BLOCK_32".into());
+    // The default block size (16) is not the user's: not checked.
+    let engine = LLMEngine::with_registries(c.clone(), &regs).expect("loads");
+    assert_eq!(engine.config().attention_backend, "BLOCK_32");
+    c.block_size_from_user = true;
+    assert_eq!(
+        engine_err(c.clone(), &regs),
+        "Selected backend BLOCK_32 is not valid for this configuration. \
+         Reason: ['block_size not supported']"
+    );
+    c.block_size = 64;
+    let engine = LLMEngine::with_registries(c, &regs).expect("loads");
+    assert_eq!(engine.config().attention_backend, "BLOCK_32");
+}
+
 /// vLLM's dummy platform: its own device name, and its own attention backend first.
 struct DummyPlatform;
 
@@ -172,15 +214,18 @@ fn unknown_custom_and_unfit_choices_fail_with_vllm_texts() {
         c.attention_backend = Some(name.into());
         c
     };
-    assert_eq!(
-        engine_err(with("INVALID"), &regs),
-        "Unknown attention backend: 'INVALID'. Valid options are: CUSTOM, CPU_ATTN, CPU_REFERENCE, \
-         ONLY_128"
-    );
+    let e = engine_err(with("INVALID"), &regs);
     assert!(
-        engine_err(with("custom"), &regs)
-            .starts_with("Backend CUSTOM must be registered before use.")
+        e.starts_with("Unknown attention backend: 'INVALID'. Valid options are: FLASH_ATTN, "),
+        "{e}"
     );
+    assert!(e.ends_with(", CUSTOM, CPU_REFERENCE, ONLY_128"), "{e}");
+    // The CPU platform (spec §2.4): a vLLM name without an implementation here, or CUSTOM
+    // unregistered, is ignored (INFO "Cannot use X backend on CPU.") and CPU_ATTN is used.
+    for name in ["FLASH_ATTN", "flashinfer", "custom"] {
+        let engine = LLMEngine::with_registries(with(name), &regs).expect("loads");
+        assert_eq!(engine.config().attention_backend, "CPU_ATTN", "{name}");
+    }
     assert_eq!(
         engine_err(with("only_128"), &regs),
         "Selected backend ONLY_128 is not valid for this configuration. \

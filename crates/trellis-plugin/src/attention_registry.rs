@@ -1,8 +1,13 @@
 //! The attention-backend registry and selector (vLLM's `AttentionBackendEnum`,
 //! `register_backend` and `get_attn_backend`, spec §3).
 //!
-//! - Names are case-insensitive and stored upper-case, in registration order; `CUSTOM` exists
-//!   from the start as a placeholder that must be registered before use.
+//! - Names are case-insensitive and stored upper-case. Every member of vLLM's
+//!   `AttentionBackendEnum` ([`VLLM_BACKEND_NAMES`], in vLLM's order, `CUSTOM` last) exists from
+//!   the start as a placeholder, so that a vLLM name is never "unknown": it has no
+//!   implementation until one is registered under it (the CPU platform fills `CPU_ATTN`);
+//!   other names are appended in registration order.
+//! - Registering over a name that already has a backend replaces it with a WARNING (filling a
+//!   placeholder is not a replacement).
 //! - [`AttentionBackendRegistry::register_backend`] creates a new name or overrides an
 //!   existing one (built-in or `CUSTOM`); the host registers its built-ins the same way.
 //! - [`AttentionBackendRegistry::select`] is the selector the platforms' default
@@ -17,6 +22,61 @@ use crate::error::PluginError;
 
 /// The placeholder name a plugin may fill without inventing a new one.
 pub const CUSTOM: &str = "CUSTOM";
+
+/// The members of vLLM's `AttentionBackendEnum` (0.33.0, spec §3.1), in vLLM's order: valid
+/// `--attention-backend` names even where this build has no implementation for them.
+pub const VLLM_BACKEND_NAMES: &[&str] = &[
+    "FLASH_ATTN",
+    "FLASH_ATTN_DIFFKV",
+    "TRITON_ATTN",
+    "TRITON_ATTN_DIFFKV",
+    "TRITON_FLASH_ATTN",
+    "ROCM_ATTN",
+    "ROCM_SEGMENTED_ATTN",
+    "ROCM_AITER_MLA",
+    "ROCM_AITER_TRITON_MLA",
+    "ROCM_AITER_FA",
+    "ROCM_AITER_MLA_SPARSE",
+    "XPU_MLA_SPARSE",
+    "TORCH_SDPA",
+    "FLASHINFER",
+    "TRITON_FLASHINFER",
+    "FLASHINFER_MLA",
+    "TOKENSPEED_MLA",
+    "FLASHINFER_MLA_SPARSE",
+    "FLASHINFER_MLA_SPARSE_SM120",
+    "FLASHINFER_MLA_SPARSE_SM90",
+    "TRITON_MLA",
+    "CUTLASS_MLA",
+    "FLASHMLA",
+    "FLASHMLA_SPARSE",
+    "FLASHMLA_SPARSE_DSV4",
+    "FLASHINFER_MLA_SPARSE_DSV4",
+    "ROCM_FLASHMLA_SPARSE_DSV4",
+    "FLASHMLA_SPARSE_DSV41",
+    "FLASHINFER_MLA_SPARSE_DSV41",
+    "ROCM_FLASHMLA_SPARSE_DSV41",
+    "FLASHMLA_MEGA_ATTN_DSV41",
+    "B12X",
+    "FLASH_ATTN_MLA",
+    "FLASH_ATTN_MLA_SPARSE",
+    "FLASH_ATTN_MLA_SPARSE_FA4",
+    "MINIMAX_M3_SPARSE",
+    "CUTLASS_MSA",
+    "TRITON_MSA",
+    "STEP5_DSA",
+    "NO_ATTENTION",
+    "FLEX_ATTENTION",
+    "HPC_ATTN",
+    "ROCM_AITER_UNIFIED_ATTN",
+    "CPU_ATTN",
+    "CPU_MLA",
+    "AMX_MLA",
+    "TURBOQUANT",
+    "ROCM_OCTAVE",
+    "ULTRAQUANT",
+    CUSTOM,
+];
 
 /// The value of `--attention-backend` that means automatic selection (any case).
 pub const AUTO: &str = "auto";
@@ -41,7 +101,8 @@ impl std::fmt::Debug for AttentionSelection {
     }
 }
 
-/// Name → attention backend; `None` marks a placeholder (`CUSTOM`) not yet registered.
+/// Name → attention backend; `None` marks a placeholder (a vLLM name such as `CUSTOM` or
+/// `FLASH_ATTN`) with no implementation registered.
 #[derive(Clone)]
 pub struct AttentionBackendRegistry {
     entries: Vec<(String, Option<Arc<dyn AttentionBackend>>)>,
@@ -50,7 +111,10 @@ pub struct AttentionBackendRegistry {
 impl Default for AttentionBackendRegistry {
     fn default() -> Self {
         Self {
-            entries: vec![(CUSTOM.to_string(), None)],
+            entries: VLLM_BACKEND_NAMES
+                .iter()
+                .map(|n| (n.to_string(), None))
+                .collect(),
         }
     }
 }
@@ -75,7 +139,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl AttentionBackendRegistry {
-    /// A registry holding only the `CUSTOM` placeholder.
+    /// A registry holding only the placeholders of vLLM's names ([`VLLM_BACKEND_NAMES`]).
     pub fn new() -> Self {
         Self::default()
     }
@@ -87,7 +151,8 @@ impl AttentionBackendRegistry {
     }
 
     /// Registers `backend` under `name` (case-insensitive): a new name is created, an existing
-    /// one (a built-in, another plugin's, or `CUSTOM`) is overridden.
+    /// one (a built-in, another plugin's, or a placeholder such as `CUSTOM`) is overridden —
+    /// with a WARNING when it already had a backend.
     pub fn register_backend(
         &mut self,
         name: &str,
@@ -97,7 +162,19 @@ impl AttentionBackendRegistry {
             return Err(PluginError::InvalidBackendName(name.to_string()));
         }
         match self.index(name) {
-            Some(i) => self.entries[i].1 = Some(backend),
+            Some(i) => {
+                if self.entries[i].1.is_some() {
+                    crate::log::log(
+                        crate::log::Level::Warning,
+                        &format!(
+                            "Attention backend {} is already registered, and will be \
+                             overwritten by the new registration.",
+                            self.entries[i].0
+                        ),
+                    );
+                }
+                self.entries[i].1 = Some(backend)
+            }
             None => self
                 .entries
                 .push((name.to_ascii_uppercase(), Some(backend))),

@@ -16,6 +16,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use crate::group::PluginGroup;
+use crate::guard::{GuardingRegistrar, guard_platform};
 use crate::platform::Platform;
 use crate::registrar::{RegisterResult, Registrar};
 
@@ -164,12 +165,7 @@ pub enum LibraryCall<'a> {
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    let text = p
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic payload".to_string());
-    format!("panicked: {text}")
+    format!("panicked: {}", crate::guard::panic_text(p))
 }
 
 fn find(name: &str, group_ok: impl Fn(&PluginEntry) -> bool) -> Option<PluginEntry> {
@@ -178,18 +174,32 @@ fn find(name: &str, group_ok: impl Fn(&PluginEntry) -> bool) -> Option<PluginEnt
         .map(|d| d.entry)
 }
 
-/// Calls a registering entry, turning its error or panic into a message.
-pub(crate) fn call_register(f: RegisterFn, registrar: &mut dyn Registrar) -> Result<(), String> {
-    match catch_unwind(AssertUnwindSafe(|| f(registrar))) {
+/// Calls the registering entry `name`, turning its error or panic into a message. The entry
+/// registers through a [`GuardingRegistrar`] made here, so that every object it registers is
+/// wrapped by this copy of the crate (inside a library: the library's own).
+pub(crate) fn call_register(
+    name: &str,
+    f: RegisterFn,
+    registrar: &mut dyn Registrar,
+) -> Result<(), String> {
+    let mut guarding = GuardingRegistrar::new(registrar, name);
+    match catch_unwind(AssertUnwindSafe(|| f(&mut guarding))) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(p) => Err(panic_message(p.as_ref())),
     }
 }
 
-/// Calls a platform entry, turning a panic into a message.
-pub(crate) fn call_platform(f: PlatformFn) -> Result<Option<Arc<dyn Platform>>, String> {
-    catch_unwind(f).map_err(|p| panic_message(p.as_ref()))
+/// Calls the platform entry `name`, turning a panic into a message; the platform it returns
+/// is wrapped by this copy of the crate ([`guard_platform`]).
+pub(crate) fn call_platform(
+    name: &str,
+    f: PlatformFn,
+) -> Result<Option<Arc<dyn Platform>>, String> {
+    match catch_unwind(f).map_err(|p| panic_message(p.as_ref()))? {
+        Some(platform) => guard_platform(name, platform).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// Answers a [`LibraryCall`] from this library's own declarations (used by the exported
@@ -213,7 +223,7 @@ pub unsafe fn serve_library_call(call: *mut LibraryCall<'_>) {
             result,
         } => {
             **result = match find(name, |e| matches!(e, PluginEntry::Register(_))) {
-                Some(PluginEntry::Register(f)) => call_register(f, &mut **registrar),
+                Some(PluginEntry::Register(f)) => call_register(name, f, &mut **registrar),
                 _ => Err(format!(
                     "the library declares no registering entry {name:?}"
                 )),
@@ -221,7 +231,7 @@ pub unsafe fn serve_library_call(call: *mut LibraryCall<'_>) {
         }
         LibraryCall::Platform { name, result } => {
             **result = match find(name, |e| matches!(e, PluginEntry::Platform(_))) {
-                Some(PluginEntry::Platform(f)) => call_platform(f),
+                Some(PluginEntry::Platform(f)) => call_platform(name, f),
                 _ => Err(format!("the library declares no platform entry {name:?}")),
             };
         }

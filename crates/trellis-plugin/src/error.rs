@@ -110,6 +110,13 @@ pub enum ModelError {
         /// The shape the configuration implies.
         expected: Vec<usize>,
     },
+    /// A plugin's factory or model panicked; the panic was caught on the plugin's side
+    /// ([`crate::guard`]). The message names the plugin and the method.
+    #[error("{message}")]
+    Panicked {
+        /// `plugin 'NAME' panicked in METHOD: MESSAGE`.
+        message: String,
+    },
     /// A tensor operation failed while building the model.
     #[error("{}: {message}", path.display())]
     Candle {
@@ -212,6 +219,15 @@ pub enum PluginError {
     /// A platform's selection hook returned no backend (vLLM's text, spec §3.3).
     #[error("Invalid attention backend for {0}")]
     InvalidPlatformBackend(String),
+    /// A plugin's platform, backend or communicator panicked; the panic was caught on the
+    /// plugin's side ([`crate::guard`]).
+    #[error("{message}")]
+    Panicked {
+        /// The plugin entry that registered or returned the object.
+        plugin: String,
+        /// `plugin 'NAME' panicked in METHOD: MESSAGE`.
+        message: String,
+    },
     /// A platform rejected the configuration in `check_and_update_config`.
     #[error("platform {platform}: {message}")]
     Config {

@@ -16,9 +16,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 
 /// The compile-time half of the fingerprint of this build of `trellis-plugin`.
+///
+/// Its parts, separated by `; `: the crate's version and the hash of its source (every file of
+/// `src/` and `build.rs`: a change to a trait, even one that keeps the version, changes it),
+/// the source hash of `trellis-sched` (a shared path crate), `rustc -V`, the target triple and
+/// the enabled features. Paths are not part of it: a byte-identical copy elsewhere (a git
+/// checkout) has the same fingerprint.
 pub const BUILD_FINGERPRINT: &str = concat!(
     "trellis-plugin ",
     env!("CARGO_PKG_VERSION"),
+    " source ",
+    env!("TRELLIS_PLUGIN_SOURCE_HASH"),
+    "; trellis-sched source ",
+    env!("TRELLIS_PLUGIN_SCHED_SOURCE_HASH"),
     "; ",
     env!("TRELLIS_PLUGIN_RUSTC_VERSION"),
     "; target ",
@@ -32,6 +42,10 @@ pub const BUILD_FINGERPRINT: &str = concat!(
 pub(crate) const BUILD_FINGERPRINT_C: &str = concat!(
     "trellis-plugin ",
     env!("CARGO_PKG_VERSION"),
+    " source ",
+    env!("TRELLIS_PLUGIN_SOURCE_HASH"),
+    "; trellis-sched source ",
+    env!("TRELLIS_PLUGIN_SCHED_SOURCE_HASH"),
     "; ",
     env!("TRELLIS_PLUGIN_RUSTC_VERSION"),
     "; target ",
@@ -41,11 +55,53 @@ pub(crate) const BUILD_FINGERPRINT_C: &str = concat!(
     "]\0"
 );
 
+/// What differs between two fingerprints, part by part, as a sentence fragment: `the
+/// trellis-plugin source (plugin: …; this trellis: …)`, or `rustc (…)`. Empty when equal.
+pub fn fingerprint_difference(plugin: &str, host: &str) -> String {
+    let (p, h): (Vec<&str>, Vec<&str>) = (plugin.split("; ").collect(), host.split("; ").collect());
+    let label = |part: &str| -> String {
+        if part.starts_with("trellis-plugin ") {
+            "the trellis-plugin API (version and source)".to_string()
+        } else if part.starts_with("trellis-sched source") {
+            "the trellis-sched source".to_string()
+        } else if part.starts_with("rustc") {
+            "the rustc".to_string()
+        } else if part.starts_with("target") {
+            "the target".to_string()
+        } else if part.starts_with("features") {
+            "the trellis-plugin features".to_string()
+        } else {
+            "the build".to_string()
+        }
+    };
+    let n = p.len().max(h.len());
+    (0..n)
+        .filter_map(|i| {
+            let (a, b) = (
+                p.get(i).copied().unwrap_or(""),
+                h.get(i).copied().unwrap_or(""),
+            );
+            (a != b).then(|| {
+                format!(
+                    "{} (plugin: {a}; this trellis: {b})",
+                    label(if b.is_empty() { a } else { b })
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The shared crates whose source [`BUILD_FINGERPRINT`] hashes.
+const SOURCE_HASHED: &[&str] = &["trellis-plugin", "trellis-sched"];
+
 /// The crate whose dependency closure is "shared" between host and plugins.
 const ROOT_CRATE: &str = "trellis-plugin";
 
-/// A hash (`fnv1a64:<hex>`) of the name, version and source of `trellis-plugin` and of every
-/// crate it depends on, transitively, as recorded in the text of a `Cargo.lock`.
+/// A hash (`fnv1a64:<hex>`) of the identity of `trellis-plugin` and of every crate it depends
+/// on, transitively, as recorded in the text of a `Cargo.lock`: name, version, source and
+/// registry checksum; for the crates whose source [`BUILD_FINGERPRINT`] hashes, name and
+/// version only (so that a git checkout of the same source is accepted).
 ///
 /// Errors when the text is not a Cargo.lock or does not contain `trellis-plugin`.
 pub fn shared_crates_hash(cargo_lock: &str) -> Result<String, String> {
@@ -74,6 +130,8 @@ pub fn shared_crates(cargo_lock: &str) -> Result<BTreeSet<String>, String> {
         #[serde(default)]
         source: Option<String>,
         #[serde(default)]
+        checksum: Option<String>,
+        #[serde(default)]
         dependencies: Vec<String>,
     }
     let lock: Lock = toml::from_str(cargo_lock).map_err(|e| format!("not a Cargo.lock: {e}"))?;
@@ -96,8 +154,19 @@ pub fn shared_crates(cargo_lock: &str) -> Result<BTreeSet<String>, String> {
     let mut seen = BTreeSet::new();
     let mut stack = vec![root];
     while let Some(p) = stack.pop() {
-        let source = p.source.as_deref().unwrap_or("path");
-        if seen.insert(format!("{} {} {}", p.name, p.version, source)) {
+        // The crates whose source BUILD_FINGERPRINT hashes are identified by it, wherever they
+        // come from (a path, a git checkout of the same commit); the others by their source
+        // and, from a registry, the checksum of the package.
+        let source = match p.source.as_deref() {
+            _ if SOURCE_HASHED.contains(&p.name.as_str()) => "source in BUILD_FINGERPRINT",
+            Some(s) => s,
+            None => "path",
+        };
+        let id = match &p.checksum {
+            Some(c) => format!("{} {} {source} {c}", p.name, p.version),
+            None => format!("{} {} {source}", p.name, p.version),
+        };
+        if seen.insert(id) {
             stack.extend(p.dependencies.iter().filter_map(|d| lookup(d)));
         }
     }
@@ -126,5 +195,28 @@ pub(crate) fn host_shared_crates_hash() -> Result<String, String> {
              not called), so it cannot check run-time plugins"
                 .to_string(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn difference_names_each_differing_part() {
+        assert_eq!(
+            fingerprint_difference(BUILD_FINGERPRINT, BUILD_FINGERPRINT),
+            ""
+        );
+        let other_source = BUILD_FINGERPRINT.replacen(" source fnv1a64:", " source fnv1a64:0", 1);
+        let d = fingerprint_difference(&other_source, BUILD_FINGERPRINT);
+        assert!(
+            d.starts_with("the trellis-plugin API (version and source) (plugin: trellis-plugin "),
+            "{d}"
+        );
+        assert!(!d.contains("rustc"), "{d}");
+        let other_rustc = BUILD_FINGERPRINT.replace("rustc ", "rustc 0.0.0-other ");
+        let d = fingerprint_difference(&other_rustc, BUILD_FINGERPRINT);
+        assert!(d.starts_with("the rustc (plugin: rustc 0.0.0-other"), "{d}");
     }
 }

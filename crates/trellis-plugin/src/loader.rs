@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::declare::{LibraryCall, PluginEntry, call_platform, call_register, compiled_in_plugins};
-use crate::fingerprint::{BUILD_FINGERPRINT, host_shared_crates_hash};
+use crate::fingerprint::{BUILD_FINGERPRINT, fingerprint_difference, host_shared_crates_hash};
 use crate::group::PluginGroup;
+use crate::log::{Level, log};
 use crate::manifest::{MANIFEST_FILE, PluginManifest, plugin_dirs};
 use crate::platform::{NamedPlatform, Platform};
 use crate::registrar::{Recorder, Registrar, Registration};
@@ -33,21 +34,33 @@ pub enum PluginLoadError {
     },
     /// The library was built for another host (fingerprint mismatch); none of its code ran.
     #[error(
-        "plugin '{name}' refused: {} was built for another trellis (plugin: {found}; this \
-         trellis: {expected}); rebuild it with this trellis: trellis plugins build {rebuild}",
+        "plugin '{name}' refused: {} was built for another trellis: {difference} differ; \
+         rebuild it with this trellis: trellis plugins build {rebuild} ({fingerprints})",
         library.display()
     )]
     Incompatible {
         /// The entry's name.
         name: String,
+        /// What differs ([`crate::fingerprint::fingerprint_difference`]).
+        difference: String,
         /// The manifest or library that was refused.
         library: PathBuf,
-        /// The host's fingerprint.
-        expected: String,
-        /// The plugin's fingerprint.
-        found: String,
+        /// Both fingerprints in full: `plugin: …; this trellis: …`.
+        fingerprints: String,
         /// The crate directory to rebuild (or `PATH`).
         rebuild: String,
+    },
+    /// A library that could not be loaded or was refused, while `VLLM_PLUGINS` names the
+    /// plugin explicitly: startup stops (without the allow-list it is skipped with an ERROR).
+    #[error(
+        "{reason}. VLLM_PLUGINS names '{name}' explicitly, so it is required: fix it, or \
+         remove it from VLLM_PLUGINS to start without it"
+    )]
+    Required {
+        /// The entry's name.
+        name: String,
+        /// Why the library was not loaded.
+        reason: Box<PluginLoadError>,
     },
     /// The library could not be opened, or lacks the exported functions.
     #[error("plugin '{name}': cannot load {}: {message}", path.display())]
@@ -150,11 +163,22 @@ pub fn discover_plugins() -> Vec<DiscoveredPlugin> {
                         });
                     }
                 }
-                Err(e) => eprintln!("WARNING trellis: skipping a plugin folder: {e}"),
+                Err(e) => warn_broken_manifest(&folder, &e.to_string()),
             }
         }
     }
     out
+}
+
+/// Warns about a folder whose manifest cannot be read, once per process and folder (discovery
+/// runs once per group).
+fn warn_broken_manifest(folder: &Path, message: &str) {
+    static WARNED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if !warned.iter().any(|f| f == folder) {
+        warned.push(folder.to_path_buf());
+        eprintln!("WARNING trellis: skipping a plugin folder: {message}");
+    }
 }
 
 /// Warns (once per process) about each `VLLM_PLUGINS` name that matches no discovered plugin.
@@ -214,11 +238,25 @@ fn open_library(
         message,
     })?;
     if m.fingerprint != BUILD_FINGERPRINT || m.shared_crates != host_lock {
+        let mut difference = fingerprint_difference(&m.fingerprint, BUILD_FINGERPRINT);
+        if m.shared_crates != host_lock {
+            if !difference.is_empty() {
+                difference.push_str(", ");
+            }
+            difference.push_str(&format!(
+                "the shared crates locked in Cargo.lock (plugin: {}; this trellis: {host_lock})",
+                m.shared_crates
+            ));
+        }
         return Err(PluginLoadError::Incompatible {
             name: name.to_string(),
+            difference,
             library: manifest_path,
-            expected: format!("{BUILD_FINGERPRINT}; shared crates {host_lock}"),
-            found: format!("{}; shared crates {}", m.fingerprint, m.shared_crates),
+            fingerprints: format!(
+                "plugin: {}; shared crates {}; this trellis: {BUILD_FINGERPRINT}; shared crates \
+                 {host_lock}",
+                m.fingerprint, m.shared_crates
+            ),
             rebuild: rebuild_hint(m),
         });
     }
@@ -227,6 +265,11 @@ fn open_library(
         path: path.clone(),
         message,
     };
+    if !path.is_file() {
+        return Err(lib_err(
+            "the library file is missing (the manifest names it)".to_string(),
+        ));
+    }
     // SAFETY: loading runs the library's initialisers; the manifest said it was built by
     // this toolchain for this host, and it is never unloaded.
     let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| lib_err(e.to_string()))?;
@@ -251,9 +294,9 @@ fn open_library(
     if found != BUILD_FINGERPRINT {
         return Err(PluginLoadError::Incompatible {
             name: name.to_string(),
+            difference: fingerprint_difference(&found, BUILD_FINGERPRINT),
             library: path.clone(),
-            expected: BUILD_FINGERPRINT.to_string(),
-            found,
+            fingerprints: format!("plugin: {found}; this trellis: {BUILD_FINGERPRINT}"),
             rebuild: rebuild_hint(m),
         });
     }
@@ -308,7 +351,7 @@ impl LoadedPlugin {
     /// Calls a registering entry (groups other than `platform`) with `registrar`.
     pub fn register(&self, registrar: &mut dyn Registrar) -> Result<(), PluginLoadError> {
         let result = match self.callee {
-            Callee::Static(PluginEntry::Register(f)) => call_register(f, registrar),
+            Callee::Static(PluginEntry::Register(f)) => call_register(&self.name, f, registrar),
             Callee::Static(PluginEntry::Platform(_)) => Err("not a registering entry".into()),
             Callee::Library(lib) => {
                 let mut result = Ok(());
@@ -328,7 +371,7 @@ impl LoadedPlugin {
     /// Calls a `platform` entry: the platform if it activates here.
     pub fn platform(&self) -> Result<Option<Arc<dyn Platform>>, PluginLoadError> {
         let result = match self.callee {
-            Callee::Static(PluginEntry::Platform(f)) => call_platform(f),
+            Callee::Static(PluginEntry::Platform(f)) => call_platform(&self.name, f),
             Callee::Static(PluginEntry::Register(_)) => Err("not a platform entry".into()),
             Callee::Library(lib) => {
                 let mut result = Ok(None);
@@ -369,25 +412,122 @@ pub(crate) fn resolve(d: &DiscoveredPlugin) -> Result<LoadedPlugin, PluginLoadEr
 
 /// The allowed plugins of `group`, their libraries opened and checked, in discovery order
 /// (a name found twice in a group: the first wins). Does not call them.
+///
+/// vLLM's policy (spec §1.2, §1.4): the group's discovered plugins are logged (DEBUG for
+/// `general`, INFO for the other groups); a library that cannot be loaded or is refused is
+/// logged at ERROR with the plugin's name, the reason and the fix, and skipped — unless
+/// `VLLM_PLUGINS` is set (then every loaded plugin is named in it explicitly), in which case
+/// this fails with [`PluginLoadError::Required`].
 pub fn load_plugins_by_group(group: PluginGroup) -> Result<Vec<LoadedPlugin>, PluginLoadError> {
+    load_group(group).map(|g| g.loaded)
+}
+
+/// A group after loading: what can be called, and one note per plugin that will not be.
+pub(crate) struct GroupLoad {
+    pub(crate) loaded: Vec<LoadedPlugin>,
+    pub(crate) skipped: Vec<String>,
+}
+
+pub(crate) fn load_group(group: PluginGroup) -> Result<GroupLoad, PluginLoadError> {
     let discovered = discover_plugins();
     let allow = AllowList::from_env();
     warn_unmatched(&allow, &discovered);
-    let mut out: Vec<LoadedPlugin> = Vec::new();
-    for d in discovered
-        .iter()
-        .filter(|d| d.group == group && allow.allows(&d.name))
-    {
-        if out.iter().any(|p| p.name == d.name) {
+    let vllm_group = group.vllm_name();
+    let in_group: Vec<&DiscoveredPlugin> = discovered.iter().filter(|d| d.group == group).collect();
+    let mut load = GroupLoad {
+        loaded: Vec::new(),
+        skipped: Vec::new(),
+    };
+    if in_group.is_empty() {
+        log(
+            Level::Debug,
+            &format!("No plugins for group {vllm_group} found."),
+        );
+        return Ok(load);
+    }
+    let level = match group {
+        PluginGroup::General => Level::Debug,
+        _ => Level::Info,
+    };
+    log(level, &format!("Available plugins for group {vllm_group}:"));
+    for d in &in_group {
+        let value = match &d.origin {
+            PluginOrigin::CompiledIn => "compiled in".to_string(),
+            PluginOrigin::Library(folder) => folder.display().to_string(),
+        };
+        log(level, &format!("- {} -> {value}", d.name));
+    }
+    if allow == AllowList::All {
+        log(
+            level,
+            "All plugins in this group will be loaded. Set `VLLM_PLUGINS` to control which \
+             plugins to load.",
+        );
+    }
+    for d in in_group {
+        if !allow.allows(&d.name) {
+            load.skipped
+                .push(format!("{} (filtered out by VLLM_PLUGINS)", d.name));
+            continue;
+        }
+        if load.loaded.iter().any(|p| p.name == d.name) {
             eprintln!(
                 "WARNING trellis: plugin '{}' ({group}) found twice; using the first one",
                 d.name
             );
             continue;
         }
-        out.push(resolve(d)?);
+        if allow != AllowList::All {
+            log(Level::Info, &format!("Loading plugin {}", d.name));
+        }
+        match resolve(d) {
+            Ok(p) => load.loaded.push(p),
+            Err(e) if allow != AllowList::All => {
+                return Err(PluginLoadError::Required {
+                    name: d.name.clone(),
+                    reason: Box::new(e),
+                });
+            }
+            Err(e) => {
+                let fix = match (&e, &d.source, &d.origin) {
+                    (PluginLoadError::Incompatible { .. }, _, _) => String::new(),
+                    (_, Source::Library(m), PluginOrigin::Library(folder)) => format!(
+                        " To use it, reinstall it: trellis plugins build {} (or remove the \
+                         folder {} to silence this).",
+                        rebuild_hint(m),
+                        folder.display()
+                    ),
+                    _ => String::new(),
+                };
+                log(
+                    Level::Error,
+                    &format!(
+                        "Failed to load plugin {}: {e}. The plugin is skipped; set VLLM_PLUGINS \
+                         to the plugins you want, to leave it out without this error.{fix}",
+                        d.name
+                    ),
+                );
+                load.skipped.push(format!("{} (failed to load)", d.name));
+            }
+        }
     }
-    Ok(out)
+    Ok(load)
+}
+
+/// The one INFO line per group saying which plugins ran (and which did not, and why).
+fn log_ran(group: PluginGroup, ran: &[String], skipped: &[String]) {
+    if ran.is_empty() && skipped.is_empty() {
+        return;
+    }
+    let list = |v: &[String]| match v {
+        [] => "none".to_string(),
+        v => v.join(", "),
+    };
+    let mut line = format!("Plugins run for group {}: {}", group.vllm_name(), list(ran));
+    if !skipped.is_empty() {
+        line.push_str(&format!("; not run: {}", list(skipped)));
+    }
+    log(Level::Info, &line);
 }
 
 type GeneralOutcome = Result<Vec<Registration>, PluginLoadError>;
@@ -413,10 +553,13 @@ pub fn load_general_plugins(registrar: &mut dyn Registrar) -> Result<(), PluginL
         inner: registrar,
         log: Vec::new(),
     };
-    let outcome = load_plugins_by_group(PluginGroup::General).and_then(|plugins| {
-        for p in &plugins {
+    let outcome = load_group(PluginGroup::General).and_then(|group| {
+        let mut ran = Vec::new();
+        for p in &group.loaded {
             p.register(&mut recorder)?;
+            ran.push(p.name.clone());
         }
+        log_ran(PluginGroup::General, &ran, &group.skipped);
         Ok(())
     });
     let log = std::mem::take(&mut recorder.log);
@@ -434,15 +577,23 @@ pub fn load_platform_plugins() -> Result<Vec<NamedPlatform>, PluginLoadError> {
     if let Some(done) = guard.as_ref() {
         return done.clone();
     }
-    let outcome = load_plugins_by_group(PluginGroup::Platform).map(|plugins| {
+    let outcome = load_group(PluginGroup::Platform).map(|group| {
         let mut active = Vec::new();
-        for p in plugins {
+        let mut ran = Vec::new();
+        for p in group.loaded {
             match p.platform() {
-                Ok(Some(platform)) => active.push((p.name.clone(), platform)),
-                Ok(None) => {}
-                Err(e) => eprintln!("WARNING trellis: {e}; the platform is not activated"),
+                Ok(Some(platform)) => {
+                    ran.push(format!("{} (activated)", p.name));
+                    active.push((p.name.clone(), platform));
+                }
+                Ok(None) => ran.push(format!("{} (not activated)", p.name)),
+                Err(e) => {
+                    eprintln!("WARNING trellis: {e}; the platform is not activated");
+                    ran.push(format!("{} (failed)", p.name));
+                }
             }
         }
+        log_ran(PluginGroup::Platform, &ran, &group.skipped);
         active
     });
     *guard = Some(outcome.clone());
@@ -457,7 +608,9 @@ pub fn load_platform_plugins() -> Result<Vec<NamedPlatform>, PluginLoadError> {
 pub fn load_stat_logger_plugins(
     registries: &mut crate::registries::Registries,
 ) -> Result<(), PluginLoadError> {
-    for p in load_plugins_by_group(PluginGroup::StatLogger)? {
+    let group = load_group(PluginGroup::StatLogger)?;
+    let mut ran = Vec::new();
+    for p in group.loaded {
         let mut counting = CountStatLoggers {
             inner: registries,
             count: 0,
@@ -470,7 +623,9 @@ pub fn load_stat_logger_plugins(
                 p.name
             )));
         }
+        ran.push(p.name.clone());
     }
+    log_ran(PluginGroup::StatLogger, &ran, &group.skipped);
     Ok(())
 }
 
@@ -538,9 +693,11 @@ pub fn library_entries(
     };
     if found != BUILD_FINGERPRINT {
         return Err(format!(
-            "{} was built with [{found}] but this trellis is [{BUILD_FINGERPRINT}]: build with \
-             the toolchain and trellis-plugin version of this trellis",
-            path.display()
+            "{} was built for another trellis: {} differ; build it against the trellis-plugin \
+             source and with the toolchain of this trellis (plugin: [{found}]; this trellis: \
+             [{BUILD_FINGERPRINT}])",
+            path.display(),
+            fingerprint_difference(&found, BUILD_FINGERPRINT)
         ));
     }
     let entry_sym = format!("trellis_plugin_entry_{crate_name}");

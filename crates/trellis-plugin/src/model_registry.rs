@@ -5,8 +5,8 @@
 //!   [`ModelRegistry::register_model_lazy`] stores a function that makes the factory and runs
 //!   it only when that architecture is first loaded (vLLM: the `"module:Class"` string form,
 //!   which exists so that registering costs nothing).
-//! - Registering a name again overwrites it, as in vLLM; a plugin that wants to keep an
-//!   existing entry checks [`ModelRegistry::contains`] first.
+//! - Registering a name again overwrites it, as in vLLM, with a WARNING; a plugin that wants
+//!   to keep an existing entry checks [`ModelRegistry::contains`] first.
 //! - [`ModelRegistry::get`] returns an existing factory, so a plugin can wrap a built-in
 //!   (vLLM's dummy model subclasses `LlamaForCausalLM`).
 //! - [`ModelRegistry::resolve_architectures`] tries config.json's `architectures` in order and
@@ -108,8 +108,22 @@ impl ModelRegistry {
 
     /// Registers (or replaces) `architecture` with an already shared factory.
     pub fn register_factory(&mut self, architecture: &str, factory: ModelFactory) {
+        self.warn_if_registered(architecture);
         self.entries
             .insert(architecture.to_string(), Entry::Eager(factory));
+    }
+
+    /// A WARNING when `architecture` is about to be replaced.
+    fn warn_if_registered(&self, architecture: &str) {
+        if self.entries.contains_key(architecture) {
+            crate::log::log(
+                crate::log::Level::Warning,
+                &format!(
+                    "Model architecture {architecture} is already registered, and will be \
+                     overwritten by the new registration."
+                ),
+            );
+        }
     }
 
     /// Registers (or replaces) `architecture` lazily: `make` runs once, the first time the
@@ -118,6 +132,7 @@ impl ModelRegistry {
     where
         F: Fn() -> ModelFactory + Send + Sync + 'static,
     {
+        self.warn_if_registered(architecture);
         self.entries.insert(
             architecture.to_string(),
             Entry::Lazy(Arc::new(make), Arc::new(OnceLock::new())),

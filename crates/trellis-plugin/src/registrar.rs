@@ -132,7 +132,10 @@ impl Registrar for crate::registries::Registries {
     }
 
     fn model_factory(&self, architecture: &str) -> Option<ModelFactory> {
-        self.models.get(architecture)
+        // Handed to a plugin: a panic in the host's model must not unwind into its frames.
+        self.models
+            .get(architecture)
+            .map(|f| crate::guard::guard_host_model_factory(architecture, f))
     }
 
     fn register_attention_backend(

@@ -72,9 +72,10 @@ pub struct EngineArgs {
     /// Most tokens in one step.
     #[arg(long)]
     pub max_num_batched_tokens: Option<usize>,
-    /// Tokens per KV-cache block.
-    #[arg(long, default_value_t = 16)]
-    pub block_size: usize,
+    /// Tokens per KV-cache block (default 16). Only a block size given here is checked against
+    /// the attention backend's kernel block sizes, as in vLLM.
+    #[arg(long)]
+    pub block_size: Option<usize>,
     /// KV-cache element type: auto (the model's dtype, float32 on the CPU), float16 or bfloat16.
     /// A 16-bit cache holds twice the blocks in the same memory; CPU_REFERENCE stores only
     /// float32, so auto-selection picks CPU_ATTN.
@@ -307,7 +308,10 @@ impl EngineArgs {
         c.max_model_len = self.max_model_len;
         c.max_num_seqs = self.max_num_seqs;
         c.max_num_batched_tokens = self.max_num_batched_tokens;
-        c.block_size = self.block_size;
+        if let Some(b) = self.block_size {
+            c.block_size = b;
+            c.block_size_from_user = true;
+        }
         c.kv_cache_memory = self.kv_cache_memory;
         c.kv_cache_dtype = trellis_engine::parse_kv_cache_dtype(&self.kv_cache_dtype)
             .map_err(anyhow::Error::msg)?;

@@ -25,7 +25,7 @@ fn generate_with(model: &Path) -> (i32, String) {
         .args(["generate", "--max-tokens", "2", "--prompt", "hi", "--model"])
         .arg(model)
         .output()
-        .unwrap();
+        .expect("run trellis");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),

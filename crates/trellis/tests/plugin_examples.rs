@@ -244,9 +244,14 @@ struct Served {
 }
 
 impl Served {
-    fn start(mut cmd: Command) -> Served {
+    fn start(cmd: Command) -> Served {
+        Served::start_with(cmd, &default_model(), &["--max-model-len", "512"])
+    }
+
+    /// `trellis serve MODEL` with `extra` flags.
+    fn start_with(mut cmd: Command, model: &Path, extra: &[&str]) -> Served {
         cmd.arg("serve")
-            .arg(default_model())
+            .arg(model)
             .args([
                 "--host",
                 "127.0.0.1",
@@ -255,7 +260,8 @@ impl Served {
                 "--kv-cache-memory",
                 "64M",
             ])
-            .args(["--max-model-len", "512", "--served-model-name", "smollm2"])
+            .args(extra)
+            .args(["--served-model-name", "smollm2"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().unwrap();
@@ -294,8 +300,20 @@ impl Served {
         panic!("trellis serve ended: {}", self.seen.join("\n"));
     }
 
-    /// POST /v1/completions over a plain TCP connection; returns the JSON body.
+    /// POST /v1/completions over a plain TCP connection; returns the JSON body of a 200.
     fn complete(&self, prompt: &str, max_tokens: usize) -> serde_json::Value {
+        let (status, body) = self.post_completion(serde_json::json!(prompt), max_tokens);
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// POST /v1/completions with `prompt` (a string or token ids); returns the HTTP status and
+    /// the JSON body.
+    fn post_completion(
+        &self,
+        prompt: serde_json::Value,
+        max_tokens: usize,
+    ) -> (u16, serde_json::Value) {
         use std::io::{Read, Write};
         let body = serde_json::json!({"model": "smollm2", "prompt": prompt,
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
@@ -311,8 +329,14 @@ impl Served {
         .unwrap();
         let mut resp = String::new();
         c.read_to_string(&mut resp).unwrap();
-        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-        serde_json::from_str(resp.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+        let status = resp
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {resp}"));
+        let body = resp.split("\r\n\r\n").nth(1).unwrap();
+        let body = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {resp}"));
+        (status, body)
     }
 }
 
@@ -411,4 +435,254 @@ fn json_stat_logger_fills_its_file_and_vllm_plugins_switches_it_off() {
         .unwrap_or_else(|| panic!("not listed: {out}"));
     assert!(line.contains("\tstat_logger\t"), "{line}");
     assert!(line.ends_with("\tloaded"), "{line}");
+}
+
+/// Asserts a 500 with an OpenAI error body whose message contains `needle`.
+fn assert_plugin_panic_500(status: u16, body: &serde_json::Value, needle: &str) {
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["type"], "InternalServerError", "{body}");
+    assert_eq!(body["error"]["code"], 500, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "{body}");
+}
+
+/// Issue 11, panic isolation: a panic inside a plugin's `Model::forward` (a library with its
+/// own standard library: the host cannot catch it) is caught on the plugin's side by the
+/// adapter `declare_plugin!` wraps it in; `trellis serve` answers that request with a 500 and
+/// keeps serving.
+#[test]
+fn plugin_model_forward_panic_fails_the_request_and_serve_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    write_tiny_llama(&model, "MyLlamaForCausalLM");
+    let mut cmd = with(&[DUMMY_MODEL]);
+    cmd.env("DUMMY_MODEL_PANIC_TOKEN", "9")
+        .env("VLLM_TARGET_DEVICE", "cpu");
+    let mut s = Served::start_with(cmd, &model, &["--max-model-len", "128"]);
+    for _ in 0..2 {
+        let (status, body) = s.post_completion(serde_json::json!([5, 9, 3]), 4);
+        assert_plugin_panic_500(
+            status,
+            &body,
+            "plugin 'register_dummy_model' panicked in Model::forward: \
+             DUMMY_MODEL_PANIC_TOKEN: the batch contains token 9",
+        );
+        let (status, body) = s.post_completion(serde_json::json!([5, 3]), 4);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
+    }
+    assert!(s.child.try_wait().unwrap().is_none(), "the server exited");
+    s.wait_line(|l| l.contains("step failed"));
+}
+
+/// Issue 11, panic isolation: the same for a plugin's `AttentionImpl::forward`.
+#[test]
+fn plugin_attention_forward_panic_fails_the_request_and_serve_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    write_tiny_llama(&model, "LlamaForCausalLM");
+    let mut cmd = with(&[CUSTOM_ATTENTION]);
+    cmd.env("EXAMPLE_ATTENTION_PANIC_QUERY_LEN", "5")
+        .env("VLLM_TARGET_DEVICE", "cpu");
+    let s = Served::start_with(
+        cmd,
+        &model,
+        &[
+            "--max-model-len",
+            "128",
+            "--attention-backend",
+            "EXAMPLE_ATTENTION",
+        ],
+    );
+    for _ in 0..2 {
+        let (status, body) = s.post_completion(serde_json::json!([1, 2, 3, 4, 5]), 3);
+        assert_plugin_panic_500(
+            status,
+            &body,
+            "plugin 'register_example_attention' panicked in AttentionImpl::forward: \
+             EXAMPLE_ATTENTION_PANIC_QUERY_LEN: a sequence with 5 new tokens",
+        );
+        let (status, body) = s.post_completion(serde_json::json!([1, 2]), 3);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
+    }
+}
+
+/// Issue 11, spec §1.2: every run logs the discovered plugins per group (INFO, DEBUG for the
+/// general group) and which of them ran.
+#[test]
+fn discovered_plugins_and_those_that_ran_are_logged_per_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write_input(tmp.path(), "{\"prompt\": \"hi\"}\n");
+    for level in [None, Some("DEBUG")] {
+        let mut cmd = with(&[DUMMY_PLATFORM]);
+        if let Some(l) = level {
+            cmd.env("VLLM_LOGGING_LEVEL", l);
+        }
+        generate(
+            &mut cmd,
+            &default_model(),
+            &input,
+            &tmp.path().join("o"),
+            &["--max-tokens", "1"],
+        );
+        let (code, _, err) = run(&mut cmd);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            err.contains("INFO trellis: Available plugins for group vllm.platform_plugins:"),
+            "{err}"
+        );
+        assert!(
+            err.contains("INFO trellis: - dummy_platform_plugin -> "),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "All plugins in this group will be loaded. Set `VLLM_PLUGINS` to control which \
+                 plugins to load."
+            ),
+            "{err}"
+        );
+        let ran = |group: &str| {
+            let prefix = format!("INFO trellis: Plugins run for group {group}: ");
+            err.lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?}: {err}"))
+                .to_string()
+        };
+        assert!(
+            ran("vllm.general_plugins").contains("register_dummy_attention"),
+            "{err}"
+        );
+        let platforms = ran("vllm.platform_plugins");
+        assert!(
+            platforms.contains("dummy_platform_plugin (activated)")
+                && platforms.contains("dummy_platform_plugin_b (not activated)"),
+            "{platforms}"
+        );
+        let general_listed =
+            err.contains("DEBUG trellis: Available plugins for group vllm.general_plugins:");
+        assert_eq!(general_listed, level.is_some(), "{err}");
+    }
+    // With VLLM_PLUGINS, each allowed plugin is announced and the others are listed as not run.
+    let mut cmd = with(&[DUMMY_PLATFORM]);
+    cmd.env(
+        "VLLM_PLUGINS",
+        "dummy_platform_plugin,register_dummy_attention",
+    );
+    generate(
+        &mut cmd,
+        &default_model(),
+        &input,
+        &tmp.path().join("o"),
+        &["--max-tokens", "1"],
+    );
+    let (code, _, err) = run(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("INFO trellis: Loading plugin dummy_platform_plugin"),
+        "{err}"
+    );
+    assert!(
+        err.contains("dummy_platform_plugin_b (filtered out by VLLM_PLUGINS)"),
+        "{err}"
+    );
+}
+
+/// Issue 11: a registration that replaces an existing backend is a WARNING (vLLM's
+/// `register_backend` on an existing member overrides it).
+#[test]
+fn overriding_a_builtin_backend_warns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write_input(tmp.path(), "{\"prompt\": \"hi\"}\n");
+    let mut cmd = with(&[CUSTOM_ATTENTION]);
+    cmd.env("EXAMPLE_ATTENTION_NAME", "CPU_REFERENCE");
+    generate(
+        &mut cmd,
+        &default_model(),
+        &input,
+        &tmp.path().join("o"),
+        &["--max-tokens", "1", "--attention-backend", "CPU_REFERENCE"],
+    );
+    let (code, _, err) = run(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(
+            "WARNING trellis: Attention backend CPU_REFERENCE is already registered, and will be \
+             overwritten by the new registration."
+        ),
+        "{err}"
+    );
+    // Without the override, no warning.
+    let mut cmd = with(&[CUSTOM_ATTENTION]);
+    generate(
+        &mut cmd,
+        &default_model(),
+        &input,
+        &tmp.path().join("o"),
+        &["--max-tokens", "1"],
+    );
+    let (code, _, err) = run(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("is already registered"), "{err}");
+}
+
+/// Issue 11, spec §2.4: on the CPU a requested backend that cannot run here (a vLLM name
+/// without an implementation in Trellis) is ignored with vLLM's INFO line and CPU_ATTN is used;
+/// the greedy tokens are CPU_ATTN's.
+#[test]
+fn cpu_ignores_an_unusable_backend_with_vllm_info_and_uses_cpu_attn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write_input(tmp.path(), "{\"prompt\": \"The capital of France is\"}\n");
+    let mut ids = Vec::new();
+    for backend in ["FLASH_ATTN", "CPU_ATTN"] {
+        let output = tmp.path().join(format!("{backend}.jsonl"));
+        let mut cmd = with(&[]);
+        cmd.env("VLLM_TARGET_DEVICE", "cpu");
+        generate(
+            &mut cmd,
+            &default_model(),
+            &input,
+            &output,
+            &["--max-tokens", "4", "--attention-backend", backend],
+        );
+        let (code, _, err) = run(&mut cmd);
+        assert_eq!(code, 0, "{backend}: {err}");
+        let info = "INFO trellis: Cannot use FLASH_ATTN backend on CPU.";
+        assert_eq!(err.contains(info), backend == "FLASH_ATTN", "{err}");
+        assert!(err.contains("Using attention backend CPU_ATTN"), "{err}");
+        ids.push(output_token_ids(&output));
+    }
+    assert_eq!(ids[0], ids[1]);
+}
+
+/// Issue 11: a plugin whose registration panics (inside a library: a foreign exception to the
+/// host) stops start-up with one `error:` line naming it, not an abort.
+#[test]
+fn panicking_registration_is_one_error_line_naming_the_plugin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write_input(tmp.path(), "{\"prompt\": \"hi\"}\n");
+    let mut cmd = with(&[DUMMY_MODEL]);
+    cmd.env("DUMMY_MODEL_FAIL", "panic");
+    generate(
+        &mut cmd,
+        &default_model(),
+        &input,
+        &tmp.path().join("o"),
+        &[],
+    );
+    let (code, _, err) = run(&mut cmd);
+    assert_ne!(code, 0, "{err}");
+    assert_ne!(code, 101, "{err}");
+    assert_ne!(code, 134, "aborted: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains(
+            "plugin 'register_dummy_model' (general) failed: panicked: DUMMY_MODEL_FAIL=panic"
+        ),
+        "{err}"
+    );
 }

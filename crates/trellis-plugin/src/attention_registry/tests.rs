@@ -101,12 +101,21 @@ fn custom_is_a_placeholder_until_registered() {
 fn register_creates_new_names_and_overrides_existing_ones() {
     let mut r = with_builtin();
     assert!(r.register_backend("my_backend", fake("MINE", &[])).is_ok());
-    assert_eq!(r.names(), vec!["CUSTOM", "CPU_REFERENCE", "MY_BACKEND"]);
+    let names = r.names();
+    assert_eq!(names.len(), VLLM_BACKEND_NAMES.len() + 2);
+    assert_eq!(
+        names[names.len() - 3..],
+        ["CUSTOM", "CPU_REFERENCE", "MY_BACKEND"]
+    );
     assert!(
         r.register_backend("cpu_reference", fake("OVERRIDE", &[]))
             .is_ok()
     );
-    assert_eq!(r.names().len(), 3, "an override creates no new name");
+    assert_eq!(
+        r.names().len(),
+        VLLM_BACKEND_NAMES.len() + 2,
+        "an override creates no new name"
+    );
     let b = r.get("CPU_REFERENCE").map(|b| b.name().to_string());
     assert_eq!(b.ok().as_deref(), Some("OVERRIDE"));
     for bad in ["", "1abc", "has-dash", "auto", "AUTO"] {
@@ -138,9 +147,17 @@ fn names_are_case_insensitive_and_auto_means_automatic() {
 #[test]
 fn unknown_name_lists_valid_options() {
     let r = with_builtin();
-    assert_eq!(
-        err(r.parse_choice(Some("INVALID"))),
-        "Unknown attention backend: 'INVALID'. Valid options are: CUSTOM, CPU_REFERENCE"
+    let e = err(r.parse_choice(Some("INVALID")));
+    assert!(
+        e.starts_with(
+            "Unknown attention backend: 'INVALID'. Valid options are: FLASH_ATTN, \
+             FLASH_ATTN_DIFFKV, TRITON_ATTN, "
+        ),
+        "{e}"
+    );
+    assert!(
+        e.ends_with(", CPU_ATTN, CPU_MLA, AMX_MLA, TURBOQUANT, ROCM_OCTAVE, ULTRAQUANT, CUSTOM, CPU_REFERENCE"),
+        "{e}"
     );
     assert!(err(r.get("nope")).starts_with("Unknown attention backend: 'nope'"));
 }
@@ -229,4 +246,53 @@ fn deprecated_env_var_is_an_alias_with_a_warning() {
     assert_eq!(b.as_deref(), Some("X"));
     assert!(w.is_some());
     assert_eq!(requested_backend(Some("X"), None), (Some("X".into()), None));
+}
+
+#[test]
+fn every_vllm_name_is_valid_but_a_placeholder_until_registered() {
+    let mut r = AttentionBackendRegistry::new();
+    assert_eq!(r.names(), VLLM_BACKEND_NAMES);
+    for name in ["flash_attn", "FLASHINFER", "cpu_attn", "Custom"] {
+        let canonical = name.to_ascii_uppercase();
+        assert_eq!(
+            r.parse_choice(Some(name)).ok(),
+            Some(Some(canonical.clone()))
+        );
+        assert!(!r.is_registered(name));
+        assert!(
+            err(r.get(name)).starts_with(&format!("Backend {canonical} must be registered")),
+            "{name}"
+        );
+    }
+    // Auto selection never picks a placeholder; filling one keeps its position.
+    assert!(err(r.select(None, &cfg(64), "cpu", &[])).starts_with("No valid attention backend"));
+    assert!(
+        r.register_backend("cpu_attn", fake("CPU_ATTN", &[]))
+            .is_ok()
+    );
+    assert_eq!(r.names(), VLLM_BACKEND_NAMES);
+    assert_eq!(chosen(r.select(None, &cfg(64), "cpu", &[])), "CPU_ATTN");
+}
+
+#[test]
+fn block_size_is_checked_only_when_given() {
+    let mut r = AttentionBackendRegistry::new();
+    let blocks32: Arc<dyn AttentionBackend> = Arc::new(Fake {
+        name: "BLOCK_32",
+        heads: Vec::new(),
+        blocks: vec![32],
+    });
+    assert!(r.register_backend("BLOCK_32", blocks32).is_ok());
+    let mut c = cfg(64);
+    c.block_size = None;
+    assert_eq!(
+        chosen(r.select(Some("BLOCK_32"), &c, "cpu", &[])),
+        "BLOCK_32"
+    );
+    c.block_size = Some(16);
+    assert_eq!(
+        err(r.select(Some("BLOCK_32"), &c, "cpu", &[])),
+        "Selected backend BLOCK_32 is not valid for this configuration. \
+         Reason: ['block_size not supported']"
+    );
 }

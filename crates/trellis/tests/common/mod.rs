@@ -29,6 +29,9 @@ pub fn trellis(dirs: &[&Path]) -> Command {
         "VLLM_ATTENTION_BACKEND",
         "DUMMY_MODEL_FAIL",
         "DUMMY_PLATFORM_B",
+        "DUMMY_MODEL_PANIC_TOKEN",
+        "EXAMPLE_ATTENTION_PANIC_QUERY_LEN",
+        "EXAMPLE_ATTENTION_NAME",
     ] {
         c.env_remove(var);
     }
@@ -55,12 +58,7 @@ pub fn installed(name: &str) -> PathBuf {
     let root = ROOT.get_or_init(|| tempfile::tempdir().unwrap());
     let dir = root.path().join(name);
     std::fs::create_dir_all(&dir).unwrap();
-    // One build at a time across test processes (nextest runs each test in its own): the
-    // build rewrites the example's Cargo.lock.
-    let target = repo().join("target");
-    std::fs::create_dir_all(&target).unwrap();
-    let lock = std::fs::File::create(target.join("trellis-plugin-tests.lock")).unwrap();
-    lock.lock().unwrap();
+    let (target, lock) = build_lock();
     let out = trellis(&[&dir])
         .args(["plugins", "build", "--debug"])
         .arg(repo().join("examples/plugins").join(name))
@@ -75,6 +73,18 @@ pub fn installed(name: &str) -> PathBuf {
     );
     built.insert(name.to_string(), dir.clone());
     dir
+}
+
+/// The target directory the tests build plugins in (the workspace's own, so that the
+/// dependencies the tests were built with are reused), and a lock on it: one build at a time
+/// across test processes (nextest runs each test in its own), since a build rewrites the
+/// crate's Cargo.lock and the shared artifacts. Held until the returned file is dropped.
+pub fn build_lock() -> (PathBuf, std::fs::File) {
+    let target = repo().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let lock = std::fs::File::create(target.join("trellis-plugin-tests.lock")).unwrap();
+    lock.lock().unwrap();
+    (target, lock)
 }
 
 /// The plugin directories to pass to [`trellis`] for these examples: none when they are

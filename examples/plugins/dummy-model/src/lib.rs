@@ -3,6 +3,10 @@
 //!
 //! It registers through the registrar it is handed, wrapping the factory the host already has
 //! (vLLM's dummy model subclasses a built-in class the same way).
+//!
+//! With `DUMMY_MODEL_PANIC_TOKEN=ID` set, `forward` panics on a batch that contains the token
+//! id ID: the tests use it to check that a plugin panic fails that step's requests and
+//! nothing else.
 
 use std::sync::Arc;
 
@@ -17,6 +21,7 @@ pub const ARCHITECTURE: &str = "MyLlamaForCausalLM";
 struct AlwaysZero {
     inner: Box<dyn Model>,
     config: ModelConfig,
+    panic_token: Option<u32>,
 }
 
 impl Model for AlwaysZero {
@@ -30,6 +35,11 @@ impl Model for AlwaysZero {
         positions: &[usize],
         ctx: &mut ForwardContext<'_>,
     ) -> Result<Tensor> {
+        if let Some(t) = self.panic_token
+            && input_ids.contains(&t)
+        {
+            panic!("DUMMY_MODEL_PANIC_TOKEN: the batch contains token {t}");
+        }
         // Run the real model (it fills the KV cache), then replace its logits: 1 for token 0,
         // 0 elsewhere.
         let logits = self.inner.forward(input_ids, positions, ctx)?;
@@ -44,9 +54,12 @@ impl Model for AlwaysZero {
 
 /// The general-plugin entry: registers `MyLlamaForCausalLM` unless it is already there.
 ///
-/// Setting `DUMMY_MODEL_FAIL` makes it fail instead: the tests use it to check that a failing
-/// plugin stops startup with its name.
+/// Setting `DUMMY_MODEL_FAIL` makes it fail instead (`DUMMY_MODEL_FAIL=panic`: panic): the
+/// tests use it to check that a failing plugin stops startup with its name.
 pub fn register(registrar: &mut dyn Registrar) -> RegisterResult {
+    if std::env::var_os("DUMMY_MODEL_FAIL").is_some_and(|v| v == "panic") {
+        panic!("DUMMY_MODEL_FAIL=panic");
+    }
     if std::env::var_os("DUMMY_MODEL_FAIL").is_some() {
         return Err("DUMMY_MODEL_FAIL is set".into());
     }
@@ -60,7 +73,14 @@ pub fn register(registrar: &mut dyn Registrar) -> RegisterResult {
         let inner = llama(ctx)?;
         let mut config = inner.config().clone();
         config.architecture = ARCHITECTURE.to_string();
-        let model: Box<dyn Model> = Box::new(AlwaysZero { inner, config });
+        let panic_token = std::env::var("DUMMY_MODEL_PANIC_TOKEN")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let model: Box<dyn Model> = Box::new(AlwaysZero {
+            inner,
+            config,
+            panic_token,
+        });
         Ok::<_, ModelError>(model)
     });
     registrar.register_model(ARCHITECTURE, factory);
