@@ -31,8 +31,9 @@ pub struct EngineConfig {
     /// Whether the user chose [`EngineConfig::block_size`] (`--block-size`): only then does
     /// the attention selector check backends against it (vLLM, spec §3.3).
     pub block_size_from_user: bool,
-    /// Element type of the KV cache (`--kv-cache-dtype`); `None` is vLLM's `auto`: the model's
-    /// dtype (f32 on the CPU). Memory accounting uses its size, so f16/bf16 fit twice the
+    /// Element type of the KV cache (`--kv-cache-dtype`); `None` is vLLM's `auto`: f16 when
+    /// the attention backend supports it (CPU_ATTN; vLLM's CPU backend keeps the model's bf16,
+    /// llama.cpp f16), else f32. Memory accounting uses its size, so f16/bf16 fit twice the
     /// blocks of f32 in the same budget.
     pub kv_cache_dtype: Option<DType>,
     /// KV-cache budget in bytes (`--kv-cache-memory`); defaults to `VLLM_CPU_KVCACHE_SPACE`

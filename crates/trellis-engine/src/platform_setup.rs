@@ -126,6 +126,20 @@ pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Se
         "Using attention backend {} ({})",
         attention.name, attention.reason
     ));
+    // `--kv-cache-dtype auto`: a 16-bit cache where the backend keeps one (CPU_ATTN), as
+    // vLLM's CPU backend (the model's bf16) and llama.cpp (f16) do: half the memory and half
+    // the bytes each decode step reads. f16 rather than bf16: three more mantissa bits, and
+    // K/V values stay far inside its range. Backends without one (CPU_REFERENCE, the
+    // examples) keep f32.
+    if config.kv_cache_dtype.is_none()
+        && pc.kv_cache_dtype == DType::F32
+        && attention
+            .backend
+            .supported_kv_cache_dtypes()
+            .contains(&DType::F16)
+    {
+        pc.kv_cache_dtype = DType::F16;
+    }
     Ok(Setup {
         platform,
         platform_config: pc,

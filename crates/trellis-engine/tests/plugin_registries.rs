@@ -170,9 +170,14 @@ fn cpu_attn_by_vllm_name_and_16_bit_kv_caches() {
         let engine = LLMEngine::with_registries(c, &regs).expect("loads");
         engine.config().scheduler.num_blocks
     };
-    let (f32_blocks, bf16_blocks) = (blocks(None), blocks(Some(candle_core::DType::BF16)));
+    let (f32_blocks, bf16_blocks) = (
+        blocks(Some(candle_core::DType::F32)),
+        blocks(Some(candle_core::DType::BF16)),
+    );
     assert!(f32_blocks > 0);
     assert_eq!(bf16_blocks, 2 * f32_blocks);
+    // `auto` on CPU_ATTN (the CPU default) is an f16 cache.
+    assert_eq!(blocks(None), bf16_blocks);
 }
 
 #[test]

@@ -76,9 +76,9 @@ pub struct EngineArgs {
     /// the attention backend's kernel block sizes, as in vLLM.
     #[arg(long)]
     pub block_size: Option<usize>,
-    /// KV-cache element type: auto (the model's dtype, float32 on the CPU), float16 or bfloat16.
-    /// A 16-bit cache holds twice the blocks in the same memory; CPU_REFERENCE stores only
-    /// float32, so auto-selection picks CPU_ATTN.
+    /// KV-cache element type: auto (float16 where the attention backend keeps a 16-bit cache,
+    /// as CPU_ATTN does; float32 for CPU_REFERENCE), float16 or bfloat16. A 16-bit cache holds
+    /// twice the blocks in the same memory and halves what each decode step reads.
     #[arg(long, value_name = "auto|float16|bfloat16", default_value = "auto",
           value_parser = parse_kv_cache_dtype_flag)]
     pub kv_cache_dtype: String,
