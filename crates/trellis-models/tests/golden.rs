@@ -123,8 +123,7 @@ fn teacher_forced(
 /// tighter: each layer's input is quantized to int8 (Q8_1, as llama.cpp does), so a 1e-6
 /// difference in attention (measured per layer against CPU_REFERENCE on these prompts: at most
 /// 4e-6) can move a value across a rounding boundary, one quant step, and such steps add up over
-/// 30 layers to about a tenth of a nat (measured here: at most 0.13 with the AVX-512 kernels,
-/// 0.17 with AVX2, 0 with scalar). Exact token parity is pinned on `CPU_REFERENCE` above; "31 vs
+/// 30 layers to about a tenth of a nat (measured below). Exact token parity is pinned on `CPU_REFERENCE` above; "31 vs
 /// 32 million" at a 0.001-nat margin is not something two correct engines must agree on.
 /// Checked with the f32 cache and with the f16 cache `--kv-cache-dtype auto` gives CPU_ATTN
 /// (measured: at most 0.14 and 0.28 nats, the same on AVX-512 and AVX2; the scalar kernels give
