@@ -380,6 +380,42 @@ impl SendPtr {
     }
 }
 
+/// Where [`QActs`]' blocks are written from the pool's threads (its buffers, sized).
+#[derive(Clone, Copy)]
+struct BlockOut {
+    qs: SendPtr,
+    d: SendPtr,
+    s: SendPtr,
+    isum: SendPtr,
+    blocks: usize,
+}
+
+impl BlockOut {
+    /// Quantizes the 32 values `xs` into block `bi`.
+    ///
+    /// # Safety
+    /// `bi < self.blocks`, the buffers are alive and unmoved, and no other thread writes
+    /// block `bi` at the same time.
+    unsafe fn block(&self, bi: usize, xs: &[f32], use_isa: Isa) {
+        debug_assert!(bi < self.blocks);
+        // SAFETY: block `bi` is inside the sized buffers and written by this caller only.
+        let (qs, d, s, isum) = unsafe {
+            (
+                std::slice::from_raw_parts_mut((self.qs.get() as *mut i8).add(bi * QK), QK),
+                &mut *self.d.get().add(bi),
+                &mut *self.s.get().add(bi),
+                &mut *(self.isum.get() as *mut i32).add(bi),
+            )
+        };
+        match use_isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512 F/BW/VL (`isa()` checked at run time).
+            Isa::Avx512Vnni | Isa::Amx => unsafe { x86::quantize_block_avx512(xs, qs, d, s, isum) },
+            _ => quantize_block(xs, qs, d, s, isum),
+        }
+    }
+}
+
 /// Rows of activations quantized to Q8_1 blocks, reused from step to step (no allocation
 /// once the buffers have grown to the largest batch).
 #[derive(Debug, Clone, Default)]
@@ -427,56 +463,17 @@ impl QActs {
 
     /// [`QActs::quantize`] for products run at `level` (AMX needs a `u8` copy).
     pub fn quantize_for(&mut self, x: &[f32], k: usize, level: Isa) {
-        assert!(
-            k > 0 && k.is_multiple_of(QK) && x.len().is_multiple_of(k),
-            "activation shape"
-        );
-        let m = x.len() / k;
-        let kb = k / QK;
-        self.m = m;
-        self.k = k;
-        self.qs.resize(m * k, 0);
-        self.d.resize(m * kb, 0.0);
-        self.s.resize(m * kb, 0.0);
-        self.isum.resize(m * kb, 0);
-        let ptrs = (
-            SendPtr(self.qs.as_mut_ptr() as *mut f32),
-            SendPtr(self.d.as_mut_ptr()),
-            SendPtr(self.s.as_mut_ptr()),
-            SendPtr(self.isum.as_mut_ptr() as *mut f32),
-        );
-        let blocks = m * kb;
+        let out = self.resize_for(x.len(), k);
         let use_isa = level.min(detected());
         // Chunks of at least 256 blocks (a few microseconds of work, about what a parallel
         // loop costs): decode-sized batches are quantized on the caller.
-        pool::global().run_chunked(blocks, 256, |range| {
+        pool::global().run_chunked(out.blocks, 256, |range| {
             for bi in range {
-                // SAFETY: each block index is visited by exactly one item; the slices are
-                // within the buffers resized above, alive until `run_chunked` returns.
-                let (qs, d, s, isum) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut((ptrs.0.get() as *mut i8).add(bi * QK), QK),
-                        &mut *ptrs.1.get().add(bi),
-                        &mut *ptrs.2.get().add(bi),
-                        &mut *(ptrs.3.get() as *mut i32).add(bi),
-                    )
-                };
-                let xs = &x[bi * QK..][..QK];
-                match use_isa {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the CPU has AVX-512 F/BW/VL (`isa()` checked at run time).
-                    Isa::Avx512Vnni | Isa::Amx => unsafe {
-                        x86::quantize_block_avx512(xs, qs, d, s, isum)
-                    },
-                    _ => quantize_block(xs, qs, d, s, isum),
-                }
+                // SAFETY: each block index is visited by exactly one item.
+                unsafe { out.block(bi, &x[bi * QK..][..QK], use_isa) };
             }
         });
-        if use_isa == Isa::Amx && m >= 16 {
-            self.fill_u8();
-        } else {
-            self.qs_u8.clear();
-        }
+        self.finish(use_isa);
     }
 
     /// Produces and quantizes rows in one pass: `produce(first_row, rows)` writes whole rows
@@ -492,11 +489,26 @@ impl QActs {
         k: usize,
         produce: F,
     ) {
+        let out = self.resize_for(x.len(), k);
+        let (kb, use_isa) = (k / QK, isa());
+        pool::global().for_rows_mut(x, k, |r0, rows| {
+            produce(r0, rows);
+            for (j, xs) in rows.chunks(QK).enumerate() {
+                // SAFETY: block `r0·kb + j` belongs to this run's rows, which no other run
+                // touches.
+                unsafe { out.block(r0 * kb + j, xs, use_isa) };
+            }
+        });
+        self.finish(use_isa);
+    }
+
+    /// Sizes the buffers for `len` values of rows of `k` and returns where blocks go.
+    fn resize_for(&mut self, len: usize, k: usize) -> BlockOut {
         assert!(
-            k > 0 && k.is_multiple_of(QK) && x.len().is_multiple_of(k),
+            k > 0 && k.is_multiple_of(QK) && len.is_multiple_of(k),
             "activation shape"
         );
-        let m = x.len() / k;
+        let m = len / k;
         let kb = k / QK;
         self.m = m;
         self.k = k;
@@ -504,38 +516,18 @@ impl QActs {
         self.d.resize(m * kb, 0.0);
         self.s.resize(m * kb, 0.0);
         self.isum.resize(m * kb, 0);
-        let ptrs = (
-            SendPtr(self.qs.as_mut_ptr() as *mut f32),
-            SendPtr(self.d.as_mut_ptr()),
-            SendPtr(self.s.as_mut_ptr()),
-            SendPtr(self.isum.as_mut_ptr() as *mut f32),
-        );
-        let use_isa = isa();
-        pool::global().for_rows_mut(x, k, |r0, rows| {
-            produce(r0, rows);
-            for (j, xs) in rows.chunks(QK).enumerate() {
-                let bi = r0 * kb + j;
-                // SAFETY: block `bi` belongs to this run's rows, which no other run touches;
-                // the slices are within the buffers resized above, alive until the loop ends.
-                let (qs, d, s, isum) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut((ptrs.0.get() as *mut i8).add(bi * QK), QK),
-                        &mut *ptrs.1.get().add(bi),
-                        &mut *ptrs.2.get().add(bi),
-                        &mut *(ptrs.3.get() as *mut i32).add(bi),
-                    )
-                };
-                match use_isa {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the CPU has AVX-512 F/BW/VL (`isa()` checked at run time).
-                    Isa::Avx512Vnni | Isa::Amx => unsafe {
-                        x86::quantize_block_avx512(xs, qs, d, s, isum)
-                    },
-                    _ => quantize_block(xs, qs, d, s, isum),
-                }
-            }
-        });
-        if use_isa == Isa::Amx && m >= 16 {
+        BlockOut {
+            qs: SendPtr(self.qs.as_mut_ptr() as *mut f32),
+            d: SendPtr(self.d.as_mut_ptr()),
+            s: SendPtr(self.s.as_mut_ptr()),
+            isum: SendPtr(self.isum.as_mut_ptr() as *mut f32),
+            blocks: m * kb,
+        }
+    }
+
+    /// The AMX `u8` copy when products run at the AMX level on 16 rows or more.
+    fn finish(&mut self, use_isa: Isa) {
+        if use_isa == Isa::Amx && self.m >= 16 {
             self.fill_u8();
         } else {
             self.qs_u8.clear();
