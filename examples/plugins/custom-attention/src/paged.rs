@@ -136,7 +136,9 @@ impl AttentionImpl for PagedAttention {
                             *o += w * x;
                         }
                     }
-                    o_row.iter_mut().for_each(|o| *o /= sum);
+                    // Scaled by the reciprocal, as CPU_REFERENCE does: the same bits.
+                    let inv = 1.0 / sum;
+                    o_row.iter_mut().for_each(|o| *o *= inv);
                 }
             }
         }
