@@ -11,7 +11,7 @@ use trellis_plugin::attention_registry::requested_backend;
 use trellis_plugin::platform::resolve_platform_with;
 use trellis_plugin::{
     AttentionSelection, AttentionSelectorConfig, NamedPlatform, Platform, PlatformConfig,
-    Registries,
+    PluginError, Registries,
 };
 
 use crate::config::EngineConfig;
@@ -74,6 +74,20 @@ fn resolve(registries: &Registries) -> Result<Arc<dyn Platform>, EngineError> {
     Ok(platform)
 }
 
+/// The weights' quantization as vLLM names it: `gguf` for a GGUF file (vLLM's `quantization`
+/// of every GGUF model), else a Hugging Face directory's `quantization_config.quant_method`,
+/// else none.
+fn model_quantization(model: &std::path::Path) -> Option<String> {
+    if model.is_file() {
+        return Some("gguf".to_string());
+    }
+    let text = std::fs::read_to_string(model.join("config.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json["quantization_config"]["quant_method"]
+        .as_str()
+        .map(str::to_string)
+}
+
 /// Runs start-up: platform, configuration, model, attention backend.
 pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Setup, EngineError> {
     let platform = resolve(registries)?;
@@ -97,12 +111,29 @@ pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Se
         max_num_seqs: config.max_num_seqs,
         max_num_batched_tokens: config.max_num_batched_tokens,
         max_model_len: config.max_model_len,
-        quantization: None,
+        quantization: model_quantization(&config.model),
         warnings: Vec::new(),
     };
     platform.check_and_update_config(&mut pc)?;
     for w in std::mem::take(&mut pc.warnings) {
         log(&format!("WARNING {w}"));
+    }
+    // vLLM's ModelConfig checks: the weights' quantization, then the dtype.
+    if let Some(q) = pc.quantization.as_deref() {
+        platform.verify_quantization(q)?;
+    }
+    let dtypes = platform.supported_dtypes();
+    if !dtypes.contains(&pc.dtype) {
+        return Err(PluginError::Config {
+            platform: platform.device_name().to_string(),
+            message: format!(
+                "dtype {:?} is not supported on {} (it supports {dtypes:?}); Trellis computes \
+                 in F32",
+                pc.dtype,
+                platform.device_name()
+            ),
+        }
+        .into());
     }
     platform.seed_everything(config.seed);
     let device = platform.device()?;

@@ -146,6 +146,40 @@ fn two_activated_platform_plugins_are_an_error() {
     assert!(out.contains("activated: DummyDeviceB"), "{out}");
 }
 
+/// vLLM's `verify_quantization`: a platform that supports only fp8 refuses a GGUF model
+/// (vLLM's quantization name for every GGUF file) with vLLM's text; listing gguf lets it run.
+#[test]
+fn a_platform_refuses_a_quantization_it_does_not_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write_input(tmp.path(), "{\"prompt\": \"hi\"}\n");
+    let mut cmd = with(&[DUMMY_PLATFORM]);
+    cmd.env("DUMMY_PLATFORM_QUANTIZATIONS", "fp8");
+    generate(
+        &mut cmd,
+        &default_model(),
+        &input,
+        &tmp.path().join("o"),
+        &["--max-tokens", "2"],
+    );
+    let (code, _, err) = run(&mut cmd);
+    one_error_line(
+        code,
+        &err,
+        &["gguf quantization is currently not supported in DummyDevice."],
+    );
+    let mut cmd = with(&[DUMMY_PLATFORM]);
+    cmd.env("DUMMY_PLATFORM_QUANTIZATIONS", "fp8,gguf");
+    generate(
+        &mut cmd,
+        &default_model(),
+        &input,
+        &tmp.path().join("o2"),
+        &["--max-tokens", "2"],
+    );
+    let (code, _, err) = run(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+}
+
 #[test]
 fn custom_attention_backend_matches_cpu_reference() {
     let tmp = tempfile::tempdir().unwrap();

@@ -42,6 +42,14 @@ impl Platform for DummyPlatform {
         vec![candle_core::DType::F32]
     }
 
+    /// Every quantization, unless `DUMMY_PLATFORM_QUANTIZATIONS` lists some (comma-separated;
+    /// tests: a platform that supports only `fp8` refuses a GGUF model).
+    fn supported_quantizations(&self) -> Vec<String> {
+        std::env::var("DUMMY_PLATFORM_QUANTIZATIONS")
+            .map(|v| v.split(',').map(|q| q.trim().to_string()).collect())
+            .unwrap_or_default()
+    }
+
     /// Its own backend first; `CPU_REFERENCE` when `DUMMY_ATTN` is not registered (the
     /// general entry filtered out by `VLLM_PLUGINS`).
     fn attention_backend_priority(&self) -> Vec<String> {
