@@ -151,8 +151,9 @@ pub struct AsyncLLM {
 impl AsyncLLM {
     /// Loads the model on a new engine thread and starts its loop. Blocks while loading (call
     /// it from `spawn_blocking` inside a runtime if that matters).
+    /// Plugins are loaded as in [`crate::LLM::new`].
     pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
-        Self::with_registries(config, crate::platform_setup::builtin_registries())
+        Self::with_registries(config, crate::platform_setup::plugin_registries()?)
     }
 
     /// [`Self::new`] with registries that plugins added to (see

@@ -17,6 +17,9 @@ pub enum EngineError {
     /// Platform resolution or attention-backend selection failed.
     #[error(transparent)]
     Plugin(#[from] trellis_plugin::PluginError),
+    /// Loading or registering a plugin failed (vLLM's failure policy: docs/plugins.md).
+    #[error(transparent)]
+    PluginLoad(#[from] trellis_plugin::PluginLoadError),
     /// Building or using the tokenizer failed.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),

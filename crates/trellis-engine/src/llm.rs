@@ -13,7 +13,7 @@ use crate::metrics::StatsCollector;
 use crate::model_runner::ModelRunner;
 use crate::output_processor::{OutputProcessor, child_request_id};
 use crate::outputs::{RequestOutput, RequestUpdate};
-use crate::platform_setup::{builtin_registries, setup};
+use crate::platform_setup::{plugin_registries, setup};
 use crate::sampler::Generator;
 use crate::sampling_params::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -73,9 +73,10 @@ pub struct LLMEngine {
 }
 
 impl LLMEngine {
-    /// Loads the model and tokenizer and sizes the KV cache, with the built-in registries.
+    /// Loads the model and tokenizer and sizes the KV cache, with the built-ins and the
+    /// installed plugins ([`crate::plugin_registries`]), as the CLI does.
     pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
-        Self::with_registries(config, &builtin_registries())
+        Self::with_registries(config, &plugin_registries()?)
     }
 
     /// [`Self::new`] with registries that plugins added to: the platform is resolved from
@@ -333,9 +334,10 @@ pub struct LLM {
 }
 
 impl LLM {
-    /// Loads the model (built-in registries).
+    /// Loads the model, with the built-ins and the installed plugins
+    /// ([`crate::plugin_registries`]), as vLLM's `LLM` and the CLI do.
     pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
-        Self::with_registries(config, &builtin_registries())
+        Self::with_registries(config, &plugin_registries()?)
     }
 
     /// Loads the model with registries that plugins added to (see

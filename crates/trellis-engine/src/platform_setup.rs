@@ -17,6 +17,21 @@ use trellis_plugin::{
 use crate::config::EngineConfig;
 use crate::error::EngineError;
 
+/// What `LLM::new`, `LLMEngine::new` and `AsyncLLM::new` use, as vLLM's `LLM` does: the
+/// built-ins, then every allowed `general` plugin (loaded once per process), then the
+/// activated `platform` plugins (not loaded when `VLLM_TARGET_DEVICE=cpu`). Plugins come from
+/// `TRELLIS_PLUGIN_PATH` and the default plugin folder, filtered by `VLLM_PLUGINS` (set it to
+/// an empty string to load none); `*::with_registries(builtin_registries())` opts out.
+pub fn plugin_registries() -> Result<Registries, EngineError> {
+    let mut r = builtin_registries();
+    trellis_plugin::load_general_plugins(&mut r)?;
+    let target = std::env::var("VLLM_TARGET_DEVICE").ok();
+    if !trellis_plugin::platform::target_device_is_cpu(target.as_deref()) {
+        r.platforms = trellis_plugin::load_platform_plugins()?;
+    }
+    Ok(r)
+}
+
 /// The registries with everything built into Trellis: the built-in model architectures, the
 /// CPU attention backends, and the CPU platform. Plugins add to a copy of it.
 pub fn builtin_registries() -> Registries {

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{
-    SMALL, default_model, one_error_line, output_token_ids, plugins, run, trellis, write_tiny_llama,
+    SMALL, default_model, installed, one_error_line, output_token_ids, plugins, run, trellis,
+    write_tiny_llama,
 };
 
 const DUMMY_MODEL: &str = "dummy-model";
@@ -41,6 +42,61 @@ fn write_input(dir: &Path, lines: &str) -> PathBuf {
     let p = dir.join("in.jsonl");
     std::fs::write(&p, lines).unwrap();
     p
+}
+
+/// The library API loads plugins as the CLI does (vLLM's `LLM` loads them too): `LLM::new`
+/// with the dummy-model plugin installed loads `MyLlamaForCausalLM`. Plugins are found through
+/// the environment, so the test runs itself again in a child process that has it.
+#[test]
+fn llm_new_loads_installed_plugins() {
+    const CHILD: &str = "TRELLIS_TEST_LLM_NEW_MODEL";
+    if let Some(model) = std::env::var_os(CHILD) {
+        // A library host tells the loader its Cargo.lock, as the `trellis` binary does.
+        trellis_plugin::set_host_cargo_lock(include_str!("../../../Cargo.lock"));
+        let mut c = trellis_engine::EngineConfig::new(PathBuf::from(model));
+        c.num_kv_blocks = Some(16);
+        let mut llm = trellis_engine::LLM::new(c).unwrap_or_else(|e| panic!("LLM::new: {e}"));
+        let outs = llm
+            .generate(
+                &[trellis_engine::Prompt::Tokens(vec![5, 9, 3])],
+                &trellis_engine::SamplingParams::greedy(4),
+            )
+            .expect("generates");
+        assert_eq!(outs[0].outputs[0].token_ids, vec![0; 4]);
+        println!("child: MyLlamaForCausalLM generated only token 0");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    write_tiny_llama(&model, "MyLlamaForCausalLM");
+    let child = |allow: Option<&str>| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "llm_new_loads_installed_plugins", "--nocapture"])
+            .env(CHILD, &model)
+            // A run-time library even when the binary has the examples compiled in.
+            .env("TRELLIS_PLUGIN_PATH", installed(DUMMY_MODEL))
+            .env_remove("VLLM_PLUGINS");
+        if let Some(a) = allow {
+            cmd.env("VLLM_PLUGINS", a);
+        }
+        cmd.output().unwrap()
+    };
+    let out = child(None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("child: MyLlamaForCausalLM generated only token 0"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // With no plugin allowed, the architecture is unknown: the child fails.
+    let out = child(Some(""));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("MyLlamaForCausalLM") && stderr.contains("not supported"),
+        "{stderr}"
+    );
 }
 
 #[test]
