@@ -19,7 +19,7 @@ pub enum EngineError {
     Plugin(#[from] trellis_plugin::PluginError),
     /// Loading or registering a plugin failed (vLLM's failure policy: docs/plugins.md).
     #[error(transparent)]
-    PluginLoad(#[from] trellis_plugin::PluginLoadError),
+    PluginLoad(Box<trellis_plugin::PluginLoadError>),
     /// Building or using the tokenizer failed.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
@@ -32,4 +32,10 @@ pub enum EngineError {
     /// A broken internal expectation (a bug): reported, never a panic.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<trellis_plugin::PluginLoadError> for EngineError {
+    fn from(e: trellis_plugin::PluginLoadError) -> Self {
+        EngineError::PluginLoad(Box::new(e))
+    }
 }
