@@ -287,23 +287,11 @@ impl KMatrix {
     /// The weights stacked along the output dimension, as [`super::QMatrix::concat`]: `None`
     /// when the formats or widths differ, or a part but the last has a partial column group.
     pub fn concat(parts: &[&KMatrix]) -> Option<KMatrix> {
-        let first = parts.first()?;
-        let (ktype, k) = (first.ktype, first.k);
-        let last = parts.len() - 1;
-        let ok = parts
+        let parts: Vec<_> = parts
             .iter()
-            .enumerate()
-            .all(|(i, p)| p.ktype == ktype && p.k == k && (i == last || p.n % COLS == 0));
-        if !ok {
-            return None;
-        }
-        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
-        Some(KMatrix {
-            ktype,
-            n: parts.iter().map(|p| p.n).sum(),
-            k,
-            data,
-        })
+            .map(|p| (p.ktype, p.n, p.k, &p.data[..]))
+            .collect();
+        super::stack_parts(&parts).map(|(ktype, n, k, data)| KMatrix { ktype, n, k, data })
     }
 
     fn group(&self, g: usize) -> &[u8] {

@@ -5,19 +5,7 @@ use super::*;
 
 const KTYPES: [KType; 3] = [KType::Q4K, KType::Q5K, KType::Q6K];
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn f32(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    }
-}
+use super::tests::Rng;
 
 /// Random file super-blocks of a `[n, k]` weight: any quant and scale bytes, `d`/`dmin` of
 /// ordinary size.

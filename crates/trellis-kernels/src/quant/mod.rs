@@ -230,23 +230,11 @@ impl QMatrix {
     /// same input (q/k/v, gate/up): one pass and one dispatch instead of several. `None` when
     /// the formats or widths differ, or a part but the last has a partial column group.
     pub fn concat(parts: &[&QMatrix]) -> Option<QMatrix> {
-        let first = parts.first()?;
-        let (qtype, k) = (first.qtype, first.k);
-        let last = parts.len() - 1;
-        let ok = parts
+        let parts: Vec<_> = parts
             .iter()
-            .enumerate()
-            .all(|(i, p)| p.qtype == qtype && p.k == k && (i == last || p.n % COLS == 0));
-        if !ok {
-            return None;
-        }
-        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
-        Some(QMatrix {
-            qtype,
-            n: parts.iter().map(|p| p.n).sum(),
-            k,
-            data,
-        })
+            .map(|p| (p.qtype, p.n, p.k, &p.data[..]))
+            .collect();
+        stack_parts(&parts).map(|(qtype, n, k, data)| QMatrix { qtype, n, k, data })
     }
 
     fn group(&self, g: usize) -> &[u8] {
@@ -321,6 +309,26 @@ impl QMatrix {
             _ => scalar::tile(self.qtype, w, acts, r0, rows, tile),
         }
     }
+}
+
+/// Stacks repacked weights `(format, n, k, data)` along the output dimension (their groups
+/// are contiguous, so the data is concatenated): `None` when the formats or widths differ, or
+/// a part but the last has a partial column group. Shared by [`QMatrix::concat`] and
+/// [`KMatrix::concat`].
+pub(super) fn stack_parts<F: PartialEq + Copy>(
+    parts: &[(F, usize, usize, &[u8])],
+) -> Option<(F, usize, usize, Vec<u8>)> {
+    let &(format, _, k, _) = parts.first()?;
+    let last = parts.len() - 1;
+    let ok = parts
+        .iter()
+        .enumerate()
+        .all(|(i, p)| p.0 == format && p.2 == k && (i == last || p.1 % COLS == 0));
+    if !ok {
+        return None;
+    }
+    let data = parts.iter().flat_map(|p| p.3.iter().copied()).collect();
+    Some((format, parts.iter().map(|p| p.1).sum(), k, data))
 }
 
 /// The parallel driver of an `[m, n]` product over column groups: `group(g, store)` computes
