@@ -36,7 +36,7 @@ pub use error::EngineError;
 pub use llm::{LLM, LLMEngine, Prompt, ResolvedConfig};
 pub use metrics::{PrometheusMetrics, StatLoggerManager, StatsCollector};
 pub use outputs::{CompletionDelta, CompletionOutput, RequestOutput, RequestUpdate, StopReason};
-pub use platform_setup::{builtin_registries, plugin_registries};
+pub use platform_setup::{builtin_registries, plugin_registries, with_plugins};
 pub use sampling_params::{SamplingParams, SamplingParamsError};
 pub use trellis_plugin::Registries;
 pub use trellis_sched::FinishReason;

@@ -23,7 +23,12 @@ use crate::error::EngineError;
 /// `TRELLIS_PLUGIN_PATH` and the default plugin folder, filtered by `VLLM_PLUGINS` (set it to
 /// an empty string to load none); `*::with_registries(builtin_registries())` opts out.
 pub fn plugin_registries() -> Result<Registries, EngineError> {
-    let mut r = builtin_registries();
+    with_plugins(builtin_registries())
+}
+
+/// `base` (the built-ins; the CLI adds CUDA to them) with the plugins loaded as
+/// [`plugin_registries`] does.
+pub fn with_plugins(mut r: Registries) -> Result<Registries, EngineError> {
     trellis_plugin::load_general_plugins(&mut r)?;
     let target = std::env::var("VLLM_TARGET_DEVICE").ok();
     if !trellis_plugin::platform::target_device_is_cpu(target.as_deref()) {

@@ -5,7 +5,6 @@
 
 use anyhow::Result;
 use trellis_plugin::Registries;
-use trellis_plugin::platform::target_device_is_cpu;
 
 /// The built-in registries, before any plugin.
 pub fn host_registries() -> Registries {
@@ -24,11 +23,5 @@ pub fn host_registries() -> Registries {
 /// (not even loaded when `VLLM_TARGET_DEVICE=cpu`, which short-circuits platform selection).
 /// An allowed plugin that fails stops start-up with an error naming it.
 pub fn engine_registries() -> Result<Registries> {
-    let mut r = host_registries();
-    trellis_plugin::load_general_plugins(&mut r)?;
-    let target = std::env::var("VLLM_TARGET_DEVICE").ok();
-    if !target_device_is_cpu(target.as_deref()) {
-        r.platforms = trellis_plugin::load_platform_plugins()?;
-    }
-    Ok(r)
+    Ok(trellis_engine::with_plugins(host_registries())?)
 }
