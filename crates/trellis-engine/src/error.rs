@@ -29,6 +29,10 @@ pub enum EngineError {
     /// The engine configuration is invalid.
     #[error("invalid engine configuration: {0}")]
     Config(String),
+
+    /// The platform refused the request (`Platform::validate_request`).
+    #[error("{0}")]
+    Rejected(String),
     /// A broken internal expectation (a bug): reported, never a panic.
     #[error("internal error: {0}")]
     Internal(String),
