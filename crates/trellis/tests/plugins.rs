@@ -319,13 +319,14 @@ fn swapped_trait_methods_are_refused_and_identical_path_and_git_copies_are_accep
     let root = std::fs::read_to_string(repo.join("Cargo.toml")).unwrap();
     let root = root.replace(
         "members = [\"crates/*\"]",
-        "members = [\"crates/trellis-plugin\", \"crates/trellis-sched\"]",
+        "members = [\"crates/trellis-plugin\", \"crates/trellis-sched\", \"crates/trellis-build\"]",
     );
     std::fs::create_dir_all(&ws).unwrap();
     std::fs::write(ws.join("Cargo.toml"), root).unwrap();
     for c in [
         "crates/trellis-plugin",
         "crates/trellis-sched",
+        "crates/trellis-build",
         "examples/plugins/dummy-platform",
     ] {
         copy_tree(&repo.join(c), &ws.join(c));
