@@ -520,6 +520,11 @@ impl EngineLoop {
                 reply,
             } => {
                 let result = self.add(*request, updates);
+                if result.is_err() {
+                    // A refusal is counted in /metrics before the client hears of it.
+                    self.mark_dirty();
+                    self.record_stats();
+                }
                 let _ = reply.send(result);
             }
             Command::Abort(id) => self.abort(&id),

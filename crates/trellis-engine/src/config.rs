@@ -64,7 +64,21 @@ pub struct EngineConfig {
     /// `vllm:` metrics, unless a stat-logger plugin is present (then only the line is off).
     /// Only the serving engine ([`crate::AsyncLLM`]) logs stats.
     pub disable_log_stats: bool,
+    /// Most completions one request may ask for (`n`; `--max-n`, default
+    /// [`DEFAULT_MAX_N`], OpenAI's own limit): more is refused as an invalid `n`.
+    pub max_n: usize,
+    /// Most requests (counting each of a request's `n` completions) that may wait for the
+    /// running batch (`--max-waiting-requests`); a request that would exceed it is refused as
+    /// [`crate::EngineError::QueueFull`] (503 in `trellis serve`). `None`: unbounded (offline).
+    pub max_waiting_requests: Option<usize>,
 }
+
+/// The default of [`EngineConfig::max_n`].
+pub const DEFAULT_MAX_N: usize = 128;
+
+/// The default of `--max-waiting-requests` for `trellis serve`: a burst of a few thousand
+/// requests is held, not an unbounded queue.
+pub const DEFAULT_MAX_WAITING_REQUESTS: usize = 4096;
 
 /// The values `--kv-cache-dtype` accepts (vLLM's names).
 pub const KV_CACHE_DTYPES: &[&str] = &["auto", "float16", "bfloat16"];
@@ -104,6 +118,8 @@ impl EngineConfig {
             attention_backend: None,
             served_model_name: None,
             disable_log_stats: false,
+            max_n: DEFAULT_MAX_N,
+            max_waiting_requests: None,
         }
     }
 

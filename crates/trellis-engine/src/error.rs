@@ -33,6 +33,20 @@ pub enum EngineError {
     /// The platform refused the request (`Platform::validate_request`).
     #[error("{0}")]
     Rejected(String),
+
+    /// The waiting queue is full (`max_waiting_requests`): try again later.
+    #[error(
+        "the server is overloaded: {waiting} requests are waiting and this one adds {adding}, \
+         above the limit of {limit} (--max-waiting-requests); retry later"
+    )]
+    QueueFull {
+        /// Requests waiting now.
+        waiting: usize,
+        /// Completions this request would add (its `n`).
+        adding: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A broken internal expectation (a bug): reported, never a panic.
     #[error("internal error: {0}")]
     Internal(String),

@@ -30,7 +30,10 @@ pub mod tokenizer;
 
 pub use async_llm::{AsyncEngineError, AsyncLLM, EngineStats, GenerateRequest, RequestStream};
 pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, ChatTemplateOptions};
-pub use config::{EngineConfig, KV_CACHE_DTYPES, UsageContext, parse_kv_cache_dtype};
+pub use config::{
+    DEFAULT_MAX_N, DEFAULT_MAX_WAITING_REQUESTS, EngineConfig, KV_CACHE_DTYPES, UsageContext,
+    parse_kv_cache_dtype,
+};
 pub use engine_core::{EngineCore, EngineCoreRequest, StepOutput};
 pub use error::EngineError;
 pub use llm::{LLM, LLMEngine, Prompt, ResolvedConfig};

@@ -234,6 +234,47 @@ impl LLMEngine {
         }
     }
 
+    /// The admission checks of a tokenized request: its `n` against `max_n`, the waiting queue
+    /// against `max_waiting_requests`, then the platform's `validate_request` (vLLM calls it
+    /// once per request, before `n` splits it). On refusal: the metrics reason and the error.
+    fn admit(
+        &self,
+        request_id: &str,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+    ) -> Result<(), (&'static str, EngineError)> {
+        let engine = &self.config.engine;
+        if params.n > engine.max_n {
+            let message = format!(
+                "n must be at most {} (--max-n), got {}.",
+                engine.max_n, params.n
+            );
+            let e = crate::sampling_params::SamplingParamsError {
+                param: "n",
+                message,
+            };
+            return Err(("n_limit", e.into()));
+        }
+        if let Some(limit) = engine.max_waiting_requests {
+            let waiting = self.core.scheduler().stats().num_waiting_reqs;
+            if waiting + params.n > limit {
+                let e = EngineError::QueueFull {
+                    waiting,
+                    adding: params.n,
+                    limit,
+                };
+                return Err(("queue_full", e));
+            }
+        }
+        self.platform
+            .validate_request(&trellis_plugin::RequestInfo {
+                request_id,
+                prompt_token_ids: prompt_ids,
+                max_tokens: params.max_tokens,
+            })
+            .map_err(|e| ("platform", EngineError::Rejected(e.to_string())))
+    }
+
     /// Adds a request; with `n > 1` its children run as separate requests in the core.
     pub fn add_request(
         &mut self,
@@ -255,14 +296,12 @@ impl LLMEngine {
     ) -> Result<(), EngineError> {
         params.validate(self.config.model.vocab_size)?;
         let prompt_ids = self.tokenize(&prompt)?;
-        // vLLM's Platform.validate_request, once per request (before `n` splits it).
-        self.platform
-            .validate_request(&trellis_plugin::RequestInfo {
-                request_id,
-                prompt_token_ids: &prompt_ids,
-                max_tokens: params.max_tokens,
-            })
-            .map_err(|e| EngineError::Rejected(e.to_string()))?;
+        if let Err((reason, e)) = self.admit(request_id, &prompt_ids, &params) {
+            if let Some(stats) = self.stats.as_mut() {
+                stats.on_rejected(reason);
+            }
+            return Err(e);
+        }
         let n = params.n;
         for index in 0..n {
             let mut child = params.clone();

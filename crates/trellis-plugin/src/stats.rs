@@ -143,6 +143,9 @@ pub struct IterationStats {
     pub time_to_first_tokens_iter: Vec<f64>,
     /// Inter-token latency of every decoding request this step.
     pub inter_token_latencies_iter: Vec<f64>,
+    /// One reason per request refused at admission since the previous record (vLLM's
+    /// `record_admission_rejection`): `queue_full`, `n_limit` or `platform`.
+    pub admission_rejections: Vec<&'static str>,
 }
 
 impl IterationStats {
@@ -162,6 +165,7 @@ impl IterationStats {
         self.n_params_iter.clear();
         self.time_to_first_tokens_iter.clear();
         self.inter_token_latencies_iter.clear();
+        self.admission_rejections.clear();
     }
 
     /// True when the step did nothing worth recording.
@@ -171,6 +175,7 @@ impl IterationStats {
             && self.num_preempted_reqs == 0
             && self.finished_requests.is_empty()
             && self.n_params_iter.is_empty()
+            && self.admission_rejections.is_empty()
     }
 }
 

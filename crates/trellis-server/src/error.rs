@@ -14,6 +14,8 @@ pub struct ApiError {
     pub message: String,
     /// The request parameter at fault, when one is.
     pub param: Option<String>,
+    /// Seconds for the `Retry-After` header of a 503 the client should retry.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -23,6 +25,7 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
             param: param.map(str::to_string),
+            retry_after: None,
         }
     }
 
@@ -32,6 +35,7 @@ impl ApiError {
             status,
             message: message.into(),
             param: None,
+            retry_after: None,
         }
     }
 
@@ -41,6 +45,7 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             message: format!("The model `{name}` does not exist."),
             param: Some("model".into()),
+            retry_after: None,
         }
     }
 
@@ -88,7 +93,13 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
@@ -100,6 +111,10 @@ impl From<EngineError> for ApiError {
             EngineError::Tokenizer(t) => ApiError::bad_request(t.to_string(), None),
             EngineError::Config(c) => ApiError::bad_request(c, None),
             EngineError::Rejected(r) => ApiError::bad_request(r, None),
+            e @ EngineError::QueueFull { .. } => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            },
             other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
     }

@@ -110,6 +110,9 @@ pub struct EngineArgs {
     /// VLLM_ATTENTION_BACKEND is read when this flag is absent.
     #[arg(long, value_name = "NAME|auto")]
     pub attention_backend: Option<String>,
+    /// Most completions one request may ask for (`n`); more is refused (400 on the server).
+    #[arg(long, default_value_t = trellis_engine::DEFAULT_MAX_N)]
+    pub max_n: usize,
 }
 
 /// Sampling flags (vLLM's `SamplingParams`).
@@ -208,6 +211,10 @@ pub struct ServeArgs {
     /// /metrics (stat-logger plugins still run).
     #[arg(long)]
     pub disable_log_stats: bool,
+    /// Most requests waiting for the running batch (each of a request's n completions
+    /// counts); a request beyond it gets 503 with Retry-After instead of an unbounded queue.
+    #[arg(long, default_value_t = trellis_engine::DEFAULT_MAX_WAITING_REQUESTS)]
+    pub max_waiting_requests: usize,
 }
 
 #[derive(Debug, Args)]
@@ -328,6 +335,7 @@ impl EngineArgs {
         c.enable_prefix_caching = !self.no_enable_prefix_caching;
         c.seed = self.seed;
         c.attention_backend = self.attention_backend.clone();
+        c.max_n = self.max_n;
         Ok(c)
     }
 }

@@ -53,6 +53,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     config.served_model_name = Some(served_name.clone());
     config.disable_log_stats = args.disable_log_stats;
+    config.max_waiting_requests = Some(args.max_waiting_requests);
     let mut registries = crate::platforms::engine_registries()?;
     // Stat-logger plugins are loaded by the serving engine only, as in vLLM.
     trellis_plugin::load_stat_logger_plugins(&mut registries)?;

@@ -224,6 +224,12 @@ impl StatsCollector {
         }
     }
 
+    /// A request refused at admission, for `reason` (see
+    /// [`trellis_plugin::IterationStats::admission_rejections`]).
+    pub fn on_rejected(&mut self, reason: &'static str) {
+        self.iteration.admission_rejections.push(reason);
+    }
+
     /// The stats gathered since the last [`Self::clear_iteration`].
     pub fn iteration(&self) -> &IterationStats {
         &self.iteration

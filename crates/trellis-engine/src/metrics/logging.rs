@@ -136,6 +136,7 @@ pub struct LoggingStatLogger {
     num_prompt_tokens: u64,
     num_generation_tokens: u64,
     num_preemptions: usize,
+    num_rejected: usize,
     last_scheduler_stats: SchedulerStats,
     prefix_caching: CachingMetrics,
     last_prompt_throughput: f64,
@@ -158,6 +159,7 @@ impl LoggingStatLogger {
             num_prompt_tokens: 0,
             num_generation_tokens: 0,
             num_preemptions: 0,
+            num_rejected: 0,
             last_scheduler_stats: SchedulerStats::default(),
             prefix_caching: CachingMetrics::default(),
             last_prompt_throughput: 0.0,
@@ -188,6 +190,9 @@ impl LoggingStatLogger {
         if self.num_preemptions > 0 {
             line.push_str(&format!(", Preemptions: {}", self.num_preemptions));
         }
+        if self.num_rejected > 0 {
+            line.push_str(&format!(", Rejected: {} reqs", self.num_rejected));
+        }
         line.push_str(&format!(
             ", {} KV cache usage: {:.1}%",
             self.device,
@@ -203,6 +208,7 @@ impl LoggingStatLogger {
         self.num_prompt_tokens = 0;
         self.num_generation_tokens = 0;
         self.num_preemptions = 0;
+        self.num_rejected = 0;
         (line, idle)
     }
 }
@@ -219,6 +225,7 @@ impl StatLogger for LoggingStatLogger {
             self.num_prompt_tokens += it.prompt_token_stats.computed;
             self.num_generation_tokens += it.num_generation_tokens as u64;
             self.num_preemptions += it.num_preempted_reqs;
+            self.num_rejected += it.admission_rejections.len();
         }
         if let Some(s) = scheduler_stats {
             self.prefix_caching.observe(&s.prefix_cache_stats);

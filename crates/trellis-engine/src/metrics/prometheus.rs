@@ -52,6 +52,9 @@ const N_BUCKETS: [f64; 5] = [1.0, 2.0, 5.0, 10.0, 20.0];
 /// vLLM's finish reasons, in the order of its `FinishReason` enum.
 const FINISH_REASONS: [&str; 5] = ["stop", "length", "abort", "error", "repetition"];
 
+/// The `reason` label values of `vllm:admission_rejections` (every one is always exported).
+pub(crate) const REJECTION_REASONS: [&str; 3] = ["queue_full", "n_limit", "platform"];
+
 /// A histogram with fixed upper bounds (`le`) plus `+Inf`.
 #[derive(Debug, Clone)]
 struct Histogram {
@@ -163,6 +166,8 @@ struct Families {
     prefix_cache_queries: u64,
     prefix_cache_hits: u64,
     num_preemptions: u64,
+    /// Admission rejections by reason, in [`REJECTION_REASONS`] order.
+    admission_rejections: [u64; 3],
     prompt_tokens: u64,
     prompt_tokens_by_source: [u64; 3],
     prompt_tokens_cached: u64,
@@ -213,6 +218,7 @@ impl PrometheusMetrics {
                 prefix_cache_queries: 0,
                 prefix_cache_hits: 0,
                 num_preemptions: 0,
+                admission_rejections: [0; 3],
                 prompt_tokens: 0,
                 prompt_tokens_by_source: [0; 3],
                 prompt_tokens_cached: 0,
@@ -257,6 +263,11 @@ impl PrometheusMetrics {
         };
         let pts = &it.prompt_token_stats;
         f.num_preemptions += it.num_preempted_reqs as u64;
+        for reason in &it.admission_rejections {
+            if let Some(i) = REJECTION_REASONS.iter().position(|r| r == reason) {
+                f.admission_rejections[i] += 1;
+            }
+        }
         f.prompt_tokens += pts.total;
         for (i, source) in PromptTokenStats::ALL_SOURCES.iter().enumerate() {
             f.prompt_tokens_by_source[i] += pts.by_source(source);
@@ -425,6 +436,17 @@ impl PrometheusMetrics {
             "vllm:num_preemptions",
             "Cumulative number of preemption from the engine.",
             f.num_preemptions,
+        );
+        let rejections: Vec<(&str, u64)> = REJECTION_REASONS
+            .iter()
+            .copied()
+            .zip(f.admission_rejections)
+            .collect();
+        w.labelled_counter(
+            "vllm:admission_rejections",
+            "Requests refused at admission, by reason.",
+            "reason",
+            &rejections,
         );
         w.counter(
             "vllm:prompt_tokens",

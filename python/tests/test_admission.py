@@ -1,0 +1,93 @@
+"""Admission limits of a real `trellis serve` (issue 14): `n` above the limit is a 400 naming the
+parameter, a full waiting queue is a 503 with `Retry-After` while the admitted requests finish
+with the outputs they get alone, and `/metrics` counts the refusals by reason."""
+
+import concurrent.futures
+
+import openai
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import MODEL, Server
+
+
+def rejections(server: Server) -> dict:
+    text = requests.get(server.base + "/metrics", timeout=10).text
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "vllm:admission_rejections":
+            return {s.labels["reason"]: s.value for s in fam.samples if s.name.endswith("_total")}
+    raise AssertionError("vllm:admission_rejections is missing from /metrics")
+
+
+def test_n_above_the_limit_is_a_400_naming_n(client, server):
+    before = rejections(server)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=100000)
+    assert e.value.status_code == 400
+    body = e.value.body
+    assert body["param"] == "n", body
+    assert "n must be at most 128" in body["message"], body
+    assert "100000" in body["message"], body
+    # The limit itself is fine, and the server still serves.
+    out = client.completions.create(model=MODEL, prompt="hi", max_tokens=1, n=128,
+                                    temperature=1.0, seed=1)
+    assert len(out.choices) == 128
+    after = rejections(server)
+    assert after["n_limit"] == before["n_limit"] + 1
+
+
+@pytest.fixture(scope="module")
+def small_queue():
+    s = Server("--max-waiting-requests", "2", "--max-num-seqs", "1")
+    yield s
+    assert s.stop() == 0
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_admitted_requests_are_unchanged(small_queue):
+    s = small_queue
+    prompts = [f"Count to ten, number {i}:" for i in range(10)]
+    alone = {}
+    for p in prompts[:3]:
+        r = requests.post(s.base + "/v1/completions", timeout=300,
+                          json={"model": MODEL, "prompt": p, "max_tokens": 24, "temperature": 0})
+        assert r.status_code == 200, r.text
+        alone[p] = r.json()["choices"][0]["text"]
+
+    # A request whose n alone is above the queue limit is refused at once.
+    before = rejections(s)
+    r = requests.post(s.base + "/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 3,
+                            "temperature": 1.0})
+    assert r.status_code == 503, r.text
+    assert r.headers.get("Retry-After") == "1"
+    err = r.json()["error"]
+    assert err["type"] == "ServiceUnavailableError" and err["code"] == 503, err
+    assert "--max-waiting-requests" in err["message"], err
+    assert rejections(s)["queue_full"] == before["queue_full"] + 1
+
+    # A burst: one runs, two wait, the rest are refused; the admitted ones are unchanged.
+    def post(p):
+        return p, requests.post(s.base + "/v1/completions", timeout=300,
+                                json={"model": MODEL, "prompt": p, "max_tokens": 24,
+                                      "temperature": 0})
+
+    before = rejections(s)
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(post, prompts))
+    codes = [r.status_code for _, r in results]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1, codes
+    assert codes.count(200) >= 1, codes
+    for p, r in results:
+        if r.status_code == 503:
+            assert r.headers.get("Retry-After") == "1"
+        elif p in alone:
+            assert r.json()["choices"][0]["text"] == alone[p]
+    after = rejections(s)
+    assert after["queue_full"] - before["queue_full"] == codes.count(503)
+    # And the server keeps serving.
+    r = requests.post(s.base + "/v1/completions", timeout=300,
+                      json={"model": MODEL, "prompt": prompts[0], "max_tokens": 24,
+                            "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone[prompts[0]]
