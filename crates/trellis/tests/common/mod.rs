@@ -20,6 +20,15 @@ pub const COMPILED_IN: bool = cfg!(feature = "example-plugins");
 /// plugin-related variables of the caller's environment removed).
 pub fn trellis(dirs: &[&Path]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_trellis"));
+    // `plugins build` runs cargo, which (and rustup's proxy) finds its toolchain and registry
+    // through HOME: keep the caller's, whichever way the test binary was started.
+    if let Some(real) = std::env::var_os("HOME").map(PathBuf::from) {
+        for (var, dir) in [("CARGO_HOME", ".cargo"), ("RUSTUP_HOME", ".rustup")] {
+            if std::env::var_os(var).is_none() && real.join(dir).is_dir() {
+                c.env(var, real.join(dir));
+            }
+        }
+    }
     let home = std::env::temp_dir().join("trellis-plugin-tests-home");
     c.env("HOME", &home);
     for var in [
