@@ -142,6 +142,20 @@ impl LLMEngine {
                 "the KV-cache budget is smaller than one block ({bytes_per_block} bytes)"
             )));
         }
+        // Refused before anything is allocated: a cache the machine cannot hold.
+        let kv_bytes = (num_blocks * bytes_per_block) as u64;
+        if let Some(available) = crate::platform_setup::available_memory(setup.platform.as_ref())
+            && kv_bytes > available
+        {
+            use crate::platform_setup::gib;
+            return Err(EngineError::Config(format!(
+                "the KV cache needs {} (--kv-cache-memory or VLLM_CPU_KVCACHE_SPACE), but only {} \
+                 of memory is available on {} after loading the model; lower it",
+                gib(kv_bytes),
+                gib(available),
+                setup.platform.device_name()
+            )));
+        }
         let mut sched_cfg = match config.usage {
             UsageContext::Offline => SchedulerConfig::cpu_offline(max_model_len, num_blocks),
             UsageContext::Server => SchedulerConfig::cpu_server(max_model_len, num_blocks),

@@ -108,6 +108,55 @@ fn model_quantization(model: &std::path::Path) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Memory the platform can still give, in bytes (total minus used), when it says.
+pub(crate) fn available_memory(platform: &dyn Platform) -> Option<u64> {
+    Some(
+        platform
+            .total_memory()?
+            .saturating_sub(platform.used_memory()?),
+    )
+}
+
+/// `bytes` in GiB with one decimal, for messages.
+pub(crate) fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// The bytes of a model's weight files: the GGUF file, or a directory's `.safetensors`.
+fn model_file_bytes(model: &std::path::Path) -> u64 {
+    if model.is_file() {
+        return std::fs::metadata(model).map_or(0, |m| m.len());
+    }
+    std::fs::read_dir(model)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Refuses a model whose weights cannot fit the memory the platform has left, before any of
+/// it is read.
+fn check_model_fits(model: &std::path::Path, platform: &dyn Platform) -> Result<(), EngineError> {
+    let (Some(available), need) = (available_memory(platform), model_file_bytes(model)) else {
+        return Ok(());
+    };
+    if need > available {
+        return Err(EngineError::Config(format!(
+            "the model's weights ({}, {}) do not fit the {} of memory available on {}",
+            gib(need),
+            model.display(),
+            gib(available),
+            platform.device_name()
+        )));
+    }
+    Ok(())
+}
+
 /// Runs start-up: platform, configuration, model, attention backend.
 pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Setup, EngineError> {
     let platform = resolve(registries)?;
@@ -156,6 +205,7 @@ pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Se
         .into());
     }
     platform.seed_everything(config.seed);
+    check_model_fits(&config.model, platform.as_ref())?;
     let device = platform.device()?;
     // vLLM's verify_model_arch: the platform sees the architecture before it is built.
     let mut models = registries.models.clone();

@@ -177,3 +177,40 @@ fn generate_writes_jsonl_with_greedy_tokens() {
         assert_eq!(l["outputs"][0]["finish_reason"], "length");
     }
 }
+
+/// Issue 14, memory sizing at start-up: a KV cache or a model larger than the memory the
+/// machine has left is refused with both numbers, before anything is allocated.
+#[test]
+fn memory_that_is_not_there_is_refused_with_both_numbers() {
+    let out = trellis()
+        .args(["generate", "--max-tokens", "1", "--prompt", "hi"])
+        .args(["--kv-cache-memory", "100000G", "--model"])
+        .arg(default_model())
+        .output()
+        .expect("run trellis");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_error(
+        out.status.code().unwrap_or(-1),
+        &err,
+        &[
+            "the KV cache needs 100000.0 GiB",
+            "of memory is available on cpu",
+        ],
+    );
+    // A (sparse) 1 TiB model file.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("huge.gguf");
+    let f = std::fs::File::create(&p).unwrap();
+    std::io::Write::write_all(&mut &f, b"GGUF").unwrap();
+    f.set_len(1 << 40).unwrap();
+    let (code, err) = generate_with(&p);
+    assert_one_line_error(
+        code,
+        &err,
+        &[
+            "the model's weights (1024.0 GiB",
+            "huge.gguf",
+            "do not fit the",
+        ],
+    );
+}
