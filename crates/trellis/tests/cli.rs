@@ -19,16 +19,21 @@ fn default_model() -> PathBuf {
     p
 }
 
-/// Runs `trellis generate --model MODEL --prompt hi` and returns (exit code, stderr).
-fn generate_with(model: &Path) -> (i32, String) {
-    let out = trellis()
-        .args(["generate", "--max-tokens", "2", "--prompt", "hi", "--model"])
-        .arg(model)
-        .output()
-        .expect("run trellis");
+/// Runs `cmd` and returns (exit code, stderr).
+fn code_and_stderr(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.output().expect("run trellis");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `trellis generate --model MODEL --prompt hi` and returns (exit code, stderr).
+fn generate_with(model: &Path) -> (i32, String) {
+    code_and_stderr(
+        trellis()
+            .args(["generate", "--max-tokens", "2", "--prompt", "hi", "--model"])
+            .arg(model),
     )
 }
 
@@ -48,16 +53,9 @@ fn missing_model_file() {
     let (code, err) = generate_with(Path::new("/nonexistent/model.gguf"));
     assert_one_line_error(code, &err, &["/nonexistent/model.gguf", "no such file"]);
     // `serve` says the same, naming the file once.
-    let out = trellis()
-        .args(["serve", "--port", "0", "--model", "/nonexistent/model.gguf"])
-        .output()
-        .expect("run trellis");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_one_line_error(
-        out.status.code().unwrap_or(-1),
-        &err,
-        &["/nonexistent/model.gguf", "no such file"],
-    );
+    let serve = ["serve", "--port", "0", "--model", "/nonexistent/model.gguf"];
+    let (code, err) = code_and_stderr(trellis().args(serve));
+    assert_one_line_error(code, &err, &["/nonexistent/model.gguf", "no such file"]);
     assert_eq!(err.matches("/nonexistent/model.gguf").count(), 1, "{err}");
 }
 
@@ -182,21 +180,17 @@ fn generate_writes_jsonl_with_greedy_tokens() {
 /// machine has left is refused with both numbers, before anything is allocated.
 #[test]
 fn memory_that_is_not_there_is_refused_with_both_numbers() {
-    let out = trellis()
-        .args(["generate", "--max-tokens", "1", "--prompt", "hi"])
-        .args(["--kv-cache-memory", "100000G", "--model"])
-        .arg(default_model())
-        .output()
-        .expect("run trellis");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_one_line_error(
-        out.status.code().unwrap_or(-1),
-        &err,
-        &[
-            "the KV cache needs 100000.0 GiB",
-            "of memory is available on cpu",
-        ],
+    let (code, err) = code_and_stderr(
+        trellis()
+            .args(["generate", "--max-tokens", "1", "--prompt", "hi"])
+            .args(["--kv-cache-memory", "100000G", "--model"])
+            .arg(default_model()),
     );
+    let needles = [
+        "the KV cache needs 100000.0 GiB",
+        "of memory is available on cpu",
+    ];
+    assert_one_line_error(code, &err, &needles);
     // A (sparse) 1 TiB model file.
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("huge.gguf");
