@@ -3,8 +3,32 @@
 //! `FinishReason` crosses the boundary; it exports its hash through `links`), the rustc that
 //! compiles it, the target triple and this crate's enabled features.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The hash of the boundary crates locked for this build (candle-core and the others whose
+/// types cross the plugin boundary: `trellis_build::lock::BOUNDARY_CRATES`):
+/// `TRELLIS_SHARED_CRATES_HASH` when
+/// `trellis plugins build` passes the plugin's own (it resolves the lock first), else the
+/// `Cargo.lock` of the checkout this crate lies in (the host's workspace), else unknown (a
+/// plugin built by plain cargo from a registry copy: refused, with the command to rebuild).
+fn shared_crates_hash(manifest_dir: &Path) -> String {
+    println!("cargo:rerun-if-env-changed=TRELLIS_SHARED_CRATES_HASH");
+    if let Ok(h) = std::env::var("TRELLIS_SHARED_CRATES_HASH")
+        && !h.is_empty()
+    {
+        return h;
+    }
+    for dir in manifest_dir.ancestors().take(4) {
+        let lock = dir.join("Cargo.lock");
+        if let Ok(text) = std::fs::read_to_string(&lock) {
+            println!("cargo:rerun-if-changed={}", lock.display());
+            return trellis_build::lock::boundary_crates_hash(&text)
+                .unwrap_or_else(|e| format!("unknown ({e})"));
+        }
+    }
+    "unknown (no Cargo.lock: build the plugin with trellis plugins build)".to_string()
+}
 
 fn main() {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
@@ -26,6 +50,8 @@ fn main() {
     // for a path, git or registry copy.
     let sched = std::env::var("DEP_TRELLIS_SCHED_SOURCE_HASH")
         .unwrap_or_else(|_| "unknown (trellis-sched exported no source hash)".to_string());
+    let shared = shared_crates_hash(&manifest_dir);
+    println!("cargo:rustc-env=TRELLIS_PLUGIN_SHARED_CRATES_HASH={shared}");
     println!("cargo:rustc-env=TRELLIS_PLUGIN_SOURCE_HASH={own}");
     println!("cargo:rustc-env=TRELLIS_PLUGIN_SCHED_SOURCE_HASH={sched}");
     println!("cargo:rustc-env=TRELLIS_PLUGIN_RUSTC_VERSION={version}");

@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod lock;
+
 /// Every file under `dir`, recursively, sorted (empty when `dir` does not exist).
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

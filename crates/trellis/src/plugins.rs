@@ -178,6 +178,22 @@ pub fn build(path: &Path, debug: bool, target_dir: Option<PathBuf>) -> Result<()
     // host's Cargo.lock; cargo only adds the plugin's own extra crates. The plugin's own lock
     // file comes back afterwards.
     let lock = LockSwap::install(meta.workspace_root.join("Cargo.lock"), HOST_CARGO_LOCK)?;
+    // Resolve the plugin's lock first (cargo keeps the pinned versions, adds its own crates):
+    // its shared-crates hash goes into the library's fingerprint through trellis-plugin's
+    // build script.
+    let resolved = cargo()
+        .args(["metadata", "--format-version", "1", "--manifest-path"])
+        .arg(&manifest_path)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("cannot run cargo")?;
+    if !resolved.success() {
+        bail!(
+            "cargo could not resolve the dependencies of {}",
+            package.name
+        );
+    }
+    let plugin_hash = locked_shared_crates(&lock.path)?;
     let target_dir = target_dir
         .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from))
         .or_else(default_target_dir)
@@ -201,22 +217,20 @@ pub fn build(path: &Path, debug: bool, target_dir: Option<PathBuf>) -> Result<()
         .args(["--lib", "--crate-type", "cdylib", "--manifest-path"])
         .arg(&manifest_path)
         .env("CARGO_TARGET_DIR", &target_dir)
+        .env("TRELLIS_SHARED_CRATES_HASH", &plugin_hash)
         .status()
         .context("cannot run cargo")?;
     if !status.success() {
         bail!("cargo build of {} failed", package.name);
     }
-    // Every shared crate the plugin locked must be the host's version (the host may lock a few
-    // more, through features the plugin does not use); the manifest records the host's hash.
-    let built_lock = std::fs::read_to_string(&lock.path)?;
+    if locked_shared_crates(&lock.path)? != plugin_hash {
+        bail!(
+            "the Cargo.lock of {} changed during the build",
+            package.name
+        );
+    }
     drop(lock);
     let host_hash = shared_crates_hash(HOST_CARGO_LOCK).map_err(anyhow::Error::msg)?;
-    let host = shared_crates(HOST_CARGO_LOCK).map_err(anyhow::Error::msg)?;
-    let plugin = shared_crates(&built_lock).map_err(anyhow::Error::msg)?;
-    let foreign: Vec<&String> = plugin.difference(&host).collect();
-    if !foreign.is_empty() {
-        bail!("the plugin locked shared crates at versions this trellis does not use: {foreign:?}");
-    }
     let file = library_file_name(&crate_name);
     let built = target_dir.join(profile).join(&file);
     let entries = read_entries(&built, &crate_name)?;
@@ -248,6 +262,22 @@ pub fn build(path: &Path, debug: bool, target_dir: Option<PathBuf>) -> Result<()
         dest.join(&manifest.library).display()
     );
     Ok(())
+}
+
+/// The boundary-crates hash of the lock at `path` (what the library's fingerprint will hold),
+/// after checking that every shared crate it
+/// locks is at the host's version (the host may lock a few more, through features the plugin
+/// does not use).
+fn locked_shared_crates(path: &Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let host = shared_crates(HOST_CARGO_LOCK).map_err(anyhow::Error::msg)?;
+    let plugin = shared_crates(&text).map_err(anyhow::Error::msg)?;
+    let foreign: Vec<&String> = plugin.difference(&host).collect();
+    if !foreign.is_empty() {
+        bail!("the plugin locked shared crates at versions this trellis does not use: {foreign:?}");
+    }
+    trellis_plugin::fingerprint::boundary_crates_hash(&text).map_err(anyhow::Error::msg)
 }
 
 /// Opens the freshly built library, checks its fingerprint and asks for its entries.
