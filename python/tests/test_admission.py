@@ -91,3 +91,37 @@ def test_a_full_queue_is_a_503_with_retry_after_and_admitted_requests_are_unchan
                       json={"model": MODEL, "prompt": prompts[0], "max_tokens": 24,
                             "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone[prompts[0]]
+
+
+def test_a_dead_engine_is_visible_and_the_server_exits_non_zero():
+    """Test-only fault injection: every engine step fails. Each request in flight gets a 500
+    with an error body; after a few failed steps in a row the engine is dead: /health answers
+    503, new requests 503, and the process exits non-zero (a supervisor restarts it)."""
+    s = Server(env_extra={"TRELLIS_TEST_FAIL_EVERY_STEP": "1"})
+    try:
+        statuses = []
+        for _ in range(10):
+            try:
+                r = requests.post(s.base + "/v1/completions", timeout=60,
+                                  json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+            except requests.ConnectionError:
+                break  # already gone
+            statuses.append(r.status_code)
+            assert r.status_code in (500, 503), r.text
+            assert r.json()["error"]["code"] == r.status_code, r.text
+            if r.status_code == 503:
+                break
+        assert statuses and statuses[0] == 500, statuses
+        try:
+            health = requests.get(s.base + "/health", timeout=10).status_code
+        except requests.ConnectionError:
+            health = None  # already exited
+        assert health in (503, None), health
+        code = s.proc.wait(timeout=120)
+        assert code not in (0, None), code
+        assert "the engine is dead" in s.output()
+        assert "the engine died" in s.output()
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+        s.log.close()

@@ -403,11 +403,25 @@ struct StatsState {
     dirty: bool,
 }
 
+/// Steps that fail one after another (no step in between succeeding) before the engine is
+/// considered dead: its thread ends, `is_alive` turns false (`/health` answers 503) and
+/// `trellis serve` exits non-zero so that a supervisor restarts it (vLLM's dead engine). One
+/// failing step only fails the requests in it.
+pub const MAX_CONSECUTIVE_FAILED_STEPS: u64 = 3;
+
+/// Test-only fault injection: with this environment variable set to `1`, every step of the
+/// serving engine fails (tests of the dead-engine behaviour).
+pub const FAULT_INJECTION_ENV: &str = "TRELLIS_TEST_FAIL_EVERY_STEP";
+
 /// The loop on the engine thread.
 struct EngineLoop {
     engine: LLMEngine,
     streams: HashMap<String, Stream>,
     failed_steps: u64,
+    /// Failed steps since the last one that succeeded.
+    consecutive_failed_steps: u64,
+    /// [`FAULT_INJECTION_ENV`] is set.
+    inject_faults: bool,
     stats: Option<StatsState>,
 }
 
@@ -418,6 +432,8 @@ impl EngineLoop {
             engine,
             streams: HashMap::new(),
             failed_steps: 0,
+            consecutive_failed_steps: 0,
+            inject_faults: std::env::var(FAULT_INJECTION_ENV).is_ok_and(|v| v == "1"),
             stats: manager.map(|manager| StatsState {
                 manager,
                 interval,
@@ -506,6 +522,13 @@ impl EngineLoop {
             }
             if !self.streams.is_empty() {
                 self.step();
+                if self.consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS {
+                    eprintln!(
+                        "ERROR trellis engine: {} steps failed in a row; the engine is dead",
+                        self.consecutive_failed_steps
+                    );
+                    return self.stop();
+                }
             }
             self.stats_tick();
         }
@@ -584,6 +607,9 @@ impl EngineLoop {
     }
 
     fn step(&mut self) {
+        if self.inject_faults {
+            return self.fail_all(&format!("{FAULT_INJECTION_ENV} is set"));
+        }
         let result = catch_unwind(AssertUnwindSafe(|| self.engine.step()));
         let updates = match result {
             Ok(Ok(updates)) => updates,
@@ -597,6 +623,7 @@ impl EngineLoop {
                 return self.fail_all(&format!("the engine step panicked: {msg}"));
             }
         };
+        self.consecutive_failed_steps = 0;
         // Record before the outputs go out, so that a client that got its last token
         // already sees it counted in /metrics.
         self.mark_dirty();
@@ -619,6 +646,7 @@ impl EngineLoop {
     /// Fails every request in flight with `message`, frees them, and keeps the loop alive.
     fn fail_all(&mut self, message: &str) {
         self.failed_steps += 1;
+        self.consecutive_failed_steps += 1;
         self.mark_dirty();
         eprintln!(
             "trellis engine: step failed, failing {} request(s): {message}",

@@ -161,6 +161,16 @@ pub async fn serve(
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+/// Resolves once the engine thread has ended on its own (a dead engine, see
+/// `trellis_engine::async_llm::MAX_CONSECUTIVE_FAILED_STEPS`): the server should then shut
+/// down and the process exit non-zero, so that a supervisor restarts it.
+pub async fn engine_died(engine: Arc<trellis_engine::AsyncLLM>) {
+    while engine.is_alive() {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

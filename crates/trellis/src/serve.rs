@@ -85,9 +85,29 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .local_addr()
             .context("cannot read the listening address")?;
         eprintln!("Trellis serving {served_name} on http://{addr}");
-        trellis_server::serve(listener, state, trellis_server::shutdown_signal())
+        let died = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, watched) = (died.clone(), state.engine.clone());
+        let shutdown = async move {
+            tokio::select! {
+                _ = trellis_server::shutdown_signal() => {}
+                _ = trellis_server::engine_died(watched) => {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    eprintln!(
+                        "ERROR trellis: the engine is dead; shutting down (requests in flight \
+                         end with an error, new ones get 503)"
+                    );
+                }
+            }
+        };
+        trellis_server::serve(listener, state, shutdown)
             .await
-            .context("the server failed")
+            .context("the server failed")?;
+        if died.load(std::sync::atomic::Ordering::SeqCst) {
+            anyhow::bail!(
+                "the engine died; trellis serve exits so that a supervisor can restart it"
+            );
+        }
+        Ok(())
     })?;
     eprintln!("Trellis server stopped");
     Ok(())
