@@ -85,6 +85,33 @@ fn strftime_now(format: String) -> Result<String, Error> {
     Ok(out)
 }
 
+/// The instructions one render may execute (minijinja fuel): a chat template over a long
+/// conversation uses well under a million; a hostile endless loop stops here with an error.
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
+/// The longest prompt a template may render, in bytes: far beyond any context length, far
+/// below what would exhaust memory.
+pub const TEMPLATE_MAX_OUTPUT: usize = 64 << 20;
+
+/// A writer that refuses to grow past [`TEMPLATE_MAX_OUTPUT`].
+struct BoundedOutput(Vec<u8>);
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > TEMPLATE_MAX_OUTPUT {
+            return Err(std::io::Error::other(
+                "the chat template's output is too long",
+            ));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl ChatTemplate {
     /// Compiles `source`; `bos_token` and `eos_token` are the strings the template sees.
     pub fn new(
@@ -95,6 +122,8 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // Templates come from model files and users: bound the work and the output.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -145,8 +174,23 @@ impl ChatTemplate {
         );
         ctx.insert("bos_token".into(), Value::from(self.bos_token.clone()));
         ctx.insert("eos_token".into(), Value::from(self.eos_token.clone()));
-        tmpl.render(ctx)
-            .map_err(|e| ChatTemplateError::Render(error_text(&e)))
+        let mut out = BoundedOutput(Vec::new());
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.0)
+                .map_err(|e| ChatTemplateError::Render(format!("the output is not UTF-8: {e}"))),
+            Err(e) if e.kind() == ErrorKind::WriteFailure => {
+                Err(ChatTemplateError::Render(format!(
+                    "the chat template's output exceeds {} MiB",
+                    TEMPLATE_MAX_OUTPUT >> 20
+                )))
+            }
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(ChatTemplateError::Render(
+                "the chat template runs too long (more than the instructions one render may \
+                 execute)"
+                    .to_string(),
+            )),
+            Err(e) => Err(ChatTemplateError::Render(error_text(&e))),
+        }
     }
 }
 
@@ -196,6 +240,39 @@ mod tests {
         assert!(matches!(
             ChatTemplate::new("{% for %}", "", ""),
             Err(ChatTemplateError::Syntax(_))
+        ));
+    }
+
+    /// Hostile templates (they come from model files and `--chat-template`): an endless
+    /// recursion, a loop of a hundred million steps, a gigabyte of output — each ends with an
+    /// error, never a hang or an exhausted memory.
+    #[test]
+    fn hostile_templates_fail_with_an_error() {
+        let msgs = [ChatMessage::new("user", "Hi")];
+        let opts = ChatTemplateOptions::default();
+        let render = |src: &str| {
+            ChatTemplate::new(src, "", "")
+                .expect("compiles")
+                .render(&msgs, &opts)
+        };
+        let recursion = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}";
+        let long_loop = "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}\
+                         {% endfor %}";
+        let big_output = "{% for i in range(100000) %}{{ 'x' * 10000 }}{% endfor %}";
+        let huge_string = "{{ 'x' * 1000000000 }}";
+        for src in [recursion, long_loop, big_output, huge_string] {
+            match render(src) {
+                Err(ChatTemplateError::Render(m)) => assert!(!m.is_empty()),
+                other => panic!("{src}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            render(big_output),
+            Err(ChatTemplateError::Render(m)) if m.contains("exceeds 64 MiB")
+        ));
+        assert!(matches!(
+            render(long_loop),
+            Err(ChatTemplateError::Render(m)) if m.contains("runs too long")
         ));
     }
 }
