@@ -83,8 +83,8 @@ impl ModelRunner {
         let attn_layers = (0..c.num_layers)
             // Guarded: a plugin's model calls these layers, and a panic in them must not
             // unwind through its frames (trellis_plugin::guard).
-            .map(|_| {
-                let layer = backend.new_layer(&spec, shape, device)?;
+            .map(|i| {
+                let layer = backend.new_layer_of_type(&spec, shape, model.attn_type(i), device)?;
                 Ok(trellis_plugin::guard::guard_host_layer(
                     backend.name(),
                     layer,

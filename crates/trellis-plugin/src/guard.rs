@@ -35,13 +35,14 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{
     AttentionBackend, AttentionImpl, AttentionMetadata, AttentionSelectorConfig, AttentionShape,
-    KvCacheSpec,
+    AttentionType, KvCacheSpec,
 };
 use crate::attention_registry::{AttentionBackendRegistry, AttentionSelection};
 use crate::error::{ModelError, PluginError};
 use crate::model::{ForwardContext, Model, ModelConfig};
 use crate::model_registry::{LazyModelFactory, ModelFactory, ModelLoadContext};
 use crate::platform::{Communicator, Platform, PlatformConfig};
+use crate::pooler::Pooler;
 use crate::registrar::Registrar;
 use crate::stats::{
     IterationStats, SchedulerStats, StatLogger, StatLoggerConfig, StatLoggerError,
@@ -226,6 +227,19 @@ struct GuardedModel {
     owner: Owner,
 }
 
+impl GuardedModel {
+    /// Calls `f` (the plugin's `method`); a panic becomes the step's error.
+    fn call<T>(
+        &self,
+        method: &str,
+        f: impl FnOnce() -> candle_core::Result<T>,
+    ) -> candle_core::Result<T> {
+        self.owner
+            .call(method, f)
+            .map_err(candle_core::Error::Msg)?
+    }
+}
+
 impl Model for GuardedModel {
     fn config(&self) -> &ModelConfig {
         &self.config
@@ -237,11 +251,47 @@ impl Model for GuardedModel {
         positions: &[usize],
         ctx: &mut ForwardContext<'_>,
     ) -> candle_core::Result<Tensor> {
+        self.call("Model::forward", || {
+            self.inner.forward(input_ids, positions, ctx)
+        })
+    }
+
+    fn forward_hidden_states(
+        &self,
+        input_ids: &[u32],
+        positions: &[usize],
+        ctx: &mut ForwardContext<'_>,
+    ) -> candle_core::Result<Tensor> {
+        self.call("Model::forward_hidden_states", || {
+            self.inner.forward_hidden_states(input_ids, positions, ctx)
+        })
+    }
+
+    fn compute_logits(&self, hidden_states: &Tensor) -> candle_core::Result<Tensor> {
+        self.call("Model::compute_logits", || {
+            self.inner.compute_logits(hidden_states)
+        })
+    }
+
+    fn pooler(&self) -> Option<Pooler> {
         self.owner
-            .call("Model::forward", || {
-                self.inner.forward(input_ids, positions, ctx)
-            })
-            .map_err(candle_core::Error::Msg)?
+            .or_default("Model::pooler", || self.inner.pooler(), || None)
+    }
+
+    fn is_generative(&self) -> bool {
+        self.owner.or_default(
+            "Model::is_generative",
+            || self.inner.is_generative(),
+            || true,
+        )
+    }
+
+    fn attn_type(&self, layer: usize) -> AttentionType {
+        self.owner.or_default(
+            "Model::attn_type",
+            || self.inner.attn_type(layer),
+            || AttentionType::Decoder,
+        )
     }
 }
 
@@ -335,10 +385,28 @@ impl AttentionBackend for GuardedBackend {
         shape: AttentionShape,
         device: &Device,
     ) -> candle_core::Result<Box<dyn AttentionImpl>> {
+        self.new_layer_of_type(spec, shape, AttentionType::Decoder, device)
+    }
+
+    fn supports_attn_type(&self, attn_type: AttentionType) -> bool {
+        self.owner.or_default(
+            "AttentionBackend::supports_attn_type",
+            || self.inner.supports_attn_type(attn_type),
+            || DefaultBackend.supports_attn_type(attn_type),
+        )
+    }
+
+    fn new_layer_of_type(
+        &self,
+        spec: &KvCacheSpec,
+        shape: AttentionShape,
+        attn_type: AttentionType,
+        device: &Device,
+    ) -> candle_core::Result<Box<dyn AttentionImpl>> {
         let layer = self
             .owner
             .call("AttentionBackend::new_layer", || {
-                self.inner.new_layer(spec, shape, device)
+                self.inner.new_layer_of_type(spec, shape, attn_type, device)
             })
             .map_err(candle_core::Error::Msg)??;
         Ok(Box::new(GuardedLayer {

@@ -10,17 +10,18 @@ pub mod error;
 pub mod model;
 pub mod model_registry;
 pub mod platform;
+pub mod pooler;
 pub mod registries;
 pub mod stats;
 pub mod weights;
 
 pub use attention::{
     AttentionBackend, AttentionImpl, AttentionMetadata, AttentionSelectorConfig, AttentionShape,
-    KvCacheSpec, SeqAttentionMetadata,
+    AttentionType, KvCacheSpec, SeqAttentionMetadata,
 };
 pub use attention_registry::{AttentionBackendRegistry, AttentionSelection};
 pub use error::{ModelError, PluginError};
-pub use model::{ForwardContext, Model, ModelConfig};
+pub use model::{ForwardContext, Model, ModelConfig, select_rows};
 pub use model_registry::{
     LazyModelFactory, ModelConfigSource, ModelFactory, ModelLoadContext, ModelRegistry,
 };
@@ -28,6 +29,7 @@ pub use platform::{
     Communicator, NamedPlatform, Platform, PlatformConfig, SingleProcessCommunicator,
     resolve_platform, resolve_platform_with,
 };
+pub use pooler::{Pooler, PoolingType, l2_normalize};
 pub use registries::Registries;
 pub use stats::{
     FinishReason, FinishedRequestStats, IterationStats, PrefixCacheStats, PromptTokenStats,

@@ -16,7 +16,7 @@ use trellis_plugin::AttentionShape;
 use crate::error::{ModelError, Result as LoadResult};
 use crate::weights::WeightSource;
 
-pub use step::{StepScratch, decoder_forward};
+pub use step::{StepScratch, decoder_hidden_states, lm_head_logits};
 
 /// Checks that a loaded tensor has the shape the configuration implies.
 fn check_shape(
