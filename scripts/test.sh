@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 if [ -x scripts/fetch-model.sh ]; then
   scripts/fetch-model.sh
 fi
+if [ -x scripts/fetch-embedding-model.sh ]; then
+  scripts/fetch-embedding-model.sh
+fi
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else

@@ -17,6 +17,7 @@
 //!
 //! Every loading failure is a [`ModelError`] naming the file and the problem on one line.
 
+pub mod bert;
 pub mod error;
 pub mod gguf;
 pub mod layers;

@@ -18,6 +18,18 @@ use crate::weights::WeightSource;
 
 pub use step::{StepScratch, decoder_hidden_states, lm_head_logits};
 
+/// Checks that a flattened batch has one position per token id.
+pub fn check_batch(input_ids: &[u32], positions: &[usize]) -> Result<()> {
+    if input_ids.len() != positions.len() {
+        bail!(
+            "{} input ids but {} positions",
+            input_ids.len(),
+            positions.len()
+        );
+    }
+    Ok(())
+}
+
 /// Checks that a loaded tensor has the shape the configuration implies.
 fn check_shape(
     ws: &dyn WeightSource,

@@ -412,13 +412,7 @@ pub fn decoder_hidden_states(
     positions: &[usize],
     ctx: &mut ForwardContext<'_>,
 ) -> Result<Tensor> {
-    if input_ids.len() != positions.len() {
-        bail!(
-            "{} input ids but {} positions",
-            input_ids.len(),
-            positions.len()
-        );
-    }
+    super::check_batch(input_ids, positions)?;
     let t = input_ids.len();
     let mut guard = scratch.lock().unwrap_or_else(|e| e.into_inner());
     let s = &mut *guard;
