@@ -64,6 +64,73 @@ pub struct EngineConfig {
     /// `vllm:` metrics, unless a stat-logger plugin is present (then only the line is off).
     /// Only the serving engine ([`crate::AsyncLLM`]) logs stats.
     pub disable_log_stats: bool,
+    /// Which runner (`--runner`): generation or pooling; `auto` follows the model.
+    pub runner: RunnerOption,
+    /// Turn the model into another kind (`--convert`): `embed` makes a generative model an
+    /// embedding model (last-token pooling, normalised), as vLLM does.
+    pub convert: ConvertOption,
+}
+
+/// `--runner` (vLLM's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RunnerOption {
+    /// Generation for a model with a language-model head, pooling otherwise.
+    #[default]
+    Auto,
+    /// Generation.
+    Generate,
+    /// Pooling (embeddings).
+    Pooling,
+}
+
+/// `--convert` (vLLM's names; Trellis converts to `embed` only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvertOption {
+    /// As the runner needs: a generative model under `--runner pooling` becomes `embed`.
+    #[default]
+    Auto,
+    /// No conversion.
+    None,
+    /// An embedding model: last-token pooling, normalised.
+    Embed,
+}
+
+/// The runner an engine runs (vLLM's `runner_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunnerType {
+    /// Generation: logits and sampling.
+    Generate,
+    /// Pooling: one pooled vector per request, prefill only.
+    Pooling,
+}
+
+impl RunnerOption {
+    /// Parses `auto`, `generate` or `pooling`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "auto" => Ok(Self::Auto),
+            "generate" => Ok(Self::Generate),
+            "pooling" => Ok(Self::Pooling),
+            other => Err(format!(
+                "unsupported runner '{other}', expected one of: auto, generate, pooling"
+            )),
+        }
+    }
+}
+
+impl ConvertOption {
+    /// Parses `auto`, `none` or `embed`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "auto" => Ok(Self::Auto),
+            "none" => Ok(Self::None),
+            "embed" => Ok(Self::Embed),
+            other => Err(format!(
+                "unsupported convert '{other}', expected one of: auto, none, embed"
+            )),
+        }
+    }
 }
 
 /// The values `--kv-cache-dtype` accepts (vLLM's names).
@@ -104,6 +171,8 @@ impl EngineConfig {
             attention_backend: None,
             served_model_name: None,
             disable_log_stats: false,
+            runner: RunnerOption::Auto,
+            convert: ConvertOption::Auto,
         }
     }
 

@@ -8,6 +8,9 @@ pub enum EngineError {
     /// A sampling parameter is invalid.
     #[error(transparent)]
     InvalidParams(#[from] SamplingParamsError),
+    /// A pooling parameter is invalid (`dimensions`).
+    #[error(transparent)]
+    InvalidPoolingParams(#[from] crate::pooling_params::PoolingParamsError),
     /// The scheduler refused the request (empty prompt, context overflow, ...).
     #[error(transparent)]
     Scheduler(#[from] trellis_sched::SchedError),

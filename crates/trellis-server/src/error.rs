@@ -99,6 +99,9 @@ impl From<EngineError> for ApiError {
             EngineError::Scheduler(s) => ApiError::bad_request(s.to_string(), None),
             EngineError::Tokenizer(t) => ApiError::bad_request(t.to_string(), None),
             EngineError::Config(c) => ApiError::bad_request(c, None),
+            EngineError::InvalidPoolingParams(p) => {
+                ApiError::bad_request(p.to_string(), Some("dimensions"))
+            }
             other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
     }

@@ -15,6 +15,7 @@
 
 pub mod chat;
 pub mod completions;
+pub mod embeddings;
 pub mod error;
 pub mod protocol;
 mod routes;
@@ -113,6 +114,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/embeddings", post(embeddings::create))
         .route("/v1/models", get(routes::models))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
