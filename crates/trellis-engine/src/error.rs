@@ -32,6 +32,9 @@ pub enum EngineError {
     /// The engine configuration is invalid.
     #[error("invalid engine configuration: {0}")]
     Config(String),
+    /// The IO processor plugin could not be selected or built (vLLM's startup texts).
+    #[error("{0}")]
+    IoProcessor(String),
     /// A broken internal expectation (a bug): reported, never a panic.
     #[error("internal error: {0}")]
     Internal(String),

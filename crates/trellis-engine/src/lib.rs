@@ -18,6 +18,7 @@ pub mod config;
 pub mod detokenizer;
 pub mod engine_core;
 pub mod error;
+pub mod io_processor;
 pub mod llm;
 pub mod metrics;
 pub mod model_runner;
@@ -39,6 +40,7 @@ pub use config::{
 };
 pub use engine_core::{EngineCore, EngineCoreRequest, StepOutput};
 pub use error::EngineError;
+pub use io_processor::select_io_processor;
 pub use llm::{LLM, LLMEngine, Prompt, ResolvedConfig};
 pub use metrics::{PrometheusMetrics, StatLoggerManager, StatsCollector};
 pub use outputs::{
@@ -49,5 +51,7 @@ pub use platform_setup::{builtin_registries, plugin_registries, with_plugins};
 pub use pooling_params::{PoolingParams, PoolingParamsError, PoolingTask};
 pub use sampling_params::{SamplingParams, SamplingParamsError};
 pub use trellis_plugin::Registries;
-pub use trellis_plugin::{Pooler, PoolingType};
+pub use trellis_plugin::{
+    IoPoolingOutput, IoPoolingParams, IoProcessor, IoPrompt, Pooler, PoolingType,
+};
 pub use trellis_sched::FinishReason;

@@ -39,6 +39,10 @@ use crate::attention::{
 };
 use crate::attention_registry::{AttentionBackendRegistry, AttentionSelection};
 use crate::error::{ModelError, PluginError};
+use crate::io_processor::{
+    IoPoolingOutput, IoPoolingParams, IoProcessor, IoProcessorContext, IoProcessorFactory,
+    IoPrompt, IoResult,
+};
 use crate::model::{ForwardContext, Model, ModelConfig};
 use crate::model_registry::{LazyModelFactory, ModelFactory, ModelLoadContext};
 use crate::platform::{Communicator, Platform, PlatformConfig};
@@ -181,6 +185,80 @@ impl Registrar for GuardingRegistrar<'_> {
             Ok(logger)
         });
         self.inner.register_stat_logger(name, guarded);
+    }
+
+    fn register_io_processor(&mut self, name: &str, factory: IoProcessorFactory) {
+        let owner = self.owner.clone();
+        let guarded: IoProcessorFactory = Arc::new(move |ctx: &IoProcessorContext<'_>| {
+            let inner = owner
+                .call("IoProcessor factory", || factory(ctx))
+                .map_err(|m| -> Box<dyn std::error::Error + Send + Sync> { m.into() })??;
+            let processor: Box<dyn IoProcessor> = Box::new(GuardedIoProcessor {
+                inner,
+                owner: owner.clone(),
+            });
+            Ok(processor)
+        });
+        self.inner.register_io_processor(name, guarded);
+    }
+}
+
+/// A plugin's IO processor: a panic in a method is that request's error (the default
+/// answer for the merge methods).
+struct GuardedIoProcessor {
+    inner: Box<dyn IoProcessor>,
+    owner: Owner,
+}
+
+impl GuardedIoProcessor {
+    fn call<T>(&self, method: &str, f: impl FnOnce() -> IoResult<T>) -> IoResult<T> {
+        self.owner
+            .call(method, f)
+            .map_err(|m| -> Box<dyn std::error::Error + Send + Sync> { m.into() })?
+    }
+}
+
+impl IoProcessor for GuardedIoProcessor {
+    fn parse_data(&self, data: &serde_json::Value) -> IoResult<serde_json::Value> {
+        self.call("IoProcessor::parse_data", || self.inner.parse_data(data))
+    }
+
+    fn merge_pooling_params(&self, params: Option<IoPoolingParams>) -> IoPoolingParams {
+        let fallback = params.clone();
+        self.owner.or_default(
+            "IoProcessor::merge_pooling_params",
+            || self.inner.merge_pooling_params(params),
+            || fallback.unwrap_or_default(),
+        )
+    }
+
+    fn merge_sampling_params(&self, params: Option<serde_json::Value>) -> serde_json::Value {
+        let fallback = params.clone();
+        self.owner.or_default(
+            "IoProcessor::merge_sampling_params",
+            || self.inner.merge_sampling_params(params),
+            || fallback.unwrap_or_default(),
+        )
+    }
+
+    fn pre_process(
+        &self,
+        input: &serde_json::Value,
+        request_id: Option<&str>,
+    ) -> IoResult<Vec<IoPrompt>> {
+        self.call("IoProcessor::pre_process", || {
+            self.inner.pre_process(input, request_id)
+        })
+    }
+
+    fn post_process(
+        &self,
+        outputs: &[IoPoolingOutput],
+        request_id: Option<&str>,
+    ) -> IoResult<serde_json::Value> {
+        self.call("IoProcessor::post_process", || {
+            self.inner.post_process(outputs, request_id)
+        })
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod attention_registry;
 pub mod error;
+pub mod io_processor;
 pub mod model;
 pub mod model_registry;
 pub mod platform;
@@ -21,6 +22,10 @@ pub use attention::{
 };
 pub use attention_registry::{AttentionBackendRegistry, AttentionSelection};
 pub use error::{ModelError, PluginError};
+pub use io_processor::{
+    IoPoolingOutput, IoPoolingParams, IoProcessor, IoProcessorContext, IoProcessorFactory,
+    IoPrompt, IoResult,
+};
 pub use model::{ForwardContext, Model, ModelConfig, select_rows};
 pub use model_registry::{
     LazyModelFactory, ModelConfigSource, ModelFactory, ModelLoadContext, ModelRegistry,
@@ -54,7 +59,8 @@ pub use fingerprint::{BUILD_FINGERPRINT, set_host_cargo_lock};
 pub use group::PluginGroup;
 pub use loader::{
     AllowList, DiscoveredPlugin, LoadedPlugin, PluginLoadError, PluginOrigin, discover_plugins,
-    load_general_plugins, load_platform_plugins, load_plugins_by_group, load_stat_logger_plugins,
+    load_general_plugins, load_io_processor_plugins, load_platform_plugins, load_plugins_by_group,
+    load_stat_logger_plugins,
 };
 pub use registrar::{RegisterResult, Registrar};
 pub use report::{PluginReport, PluginStatus, plugin_reports};

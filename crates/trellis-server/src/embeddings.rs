@@ -7,7 +7,7 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use trellis_engine::{PoolingParams, PoolingRequest, Prompt, RunnerType};
+use trellis_engine::{PoolingParams, PoolingRequest, PoolingRequestOutput, Prompt, RunnerType};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -74,7 +74,7 @@ pub async fn create(
 }
 
 /// The inputs as engine prompts; empty inputs are refused.
-fn prompts(input: PromptInput) -> Result<Vec<Prompt>, ApiError> {
+pub fn prompts(input: PromptInput) -> Result<Vec<Prompt>, ApiError> {
     let empty =
         |what: &str| ApiError::bad_request(format!("{what} must not be empty."), Some("input"));
     let list: Vec<Prompt> = match input {
@@ -99,9 +99,6 @@ fn prompts(input: PromptInput) -> Result<Vec<Prompt>, ApiError> {
 async fn run(state: Arc<AppState>, req: EmbeddingRequest) -> Result<EmbeddingResponse, ApiError> {
     let start = Instant::now();
     state.check_model(req.model.as_deref())?;
-    if state.engine.config().runner != RunnerType::Pooling {
-        return Err(ApiError::bad_request(NOT_SUPPORTED, None));
-    }
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -121,33 +118,10 @@ async fn run(state: Arc<AppState>, req: EmbeddingRequest) -> Result<EmbeddingRes
         .verify(&state.config.served_model_name)
         .map_err(|e| ApiError::bad_request(e.to_string(), Some("dimensions")))?;
     let id = util::random_id("embd");
-    let mut streams = Vec::new();
-    for (i, prompt) in prompts(req.input)?.into_iter().enumerate() {
-        let request = PoolingRequest {
-            request_id: format!("{id}-{i}"),
-            prompt,
-            params: params.clone(),
-            priority: 0,
-        };
-        streams.push(state.engine.encode_with(request).await?);
-    }
-    let mut data = Vec::with_capacity(streams.len());
+    let outputs = encode_all(&state, &id, prompts(req.input)?, &params, 0).await?;
+    let mut data = Vec::with_capacity(outputs.len());
     let mut prompt_tokens = 0;
-    for (index, mut s) in streams.into_iter().enumerate() {
-        let mut pooled = None;
-        while let Some(u) = s.recv().await {
-            if let Some(err) = u.finished.and_then(|o| o.error) {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                    err,
-                ));
-            }
-            if u.pooling.is_some() {
-                pooled = u.pooling;
-                break;
-            }
-        }
-        let out = pooled.ok_or_else(ApiError::engine_dead)?;
+    for (index, out) in outputs.into_iter().enumerate() {
         prompt_tokens += out.prompt_token_ids.len();
         let embedding = match base64 {
             true => serde_json::Value::String(encode_base64(&out.outputs.data)),
@@ -175,6 +149,48 @@ async fn run(state: Arc<AppState>, req: EmbeddingRequest) -> Result<EmbeddingRes
         data,
         usage: Usage::new(prompt_tokens, 0),
     })
+}
+
+/// Pools every prompt through the engine (one request each, `{id}-{i}`, batched by the
+/// scheduler) and returns the outputs in prompt order. The model must be a pooling model.
+pub async fn encode_all(
+    state: &AppState,
+    id: &str,
+    prompts: Vec<Prompt>,
+    params: &PoolingParams,
+    priority: i32,
+) -> Result<Vec<PoolingRequestOutput>, ApiError> {
+    if state.engine.config().runner != RunnerType::Pooling {
+        return Err(ApiError::bad_request(NOT_SUPPORTED, None));
+    }
+    let mut streams = Vec::with_capacity(prompts.len());
+    for (i, prompt) in prompts.into_iter().enumerate() {
+        let request = PoolingRequest {
+            request_id: format!("{id}-{i}"),
+            prompt,
+            params: params.clone(),
+            priority,
+        };
+        streams.push(state.engine.encode_with(request).await?);
+    }
+    let mut outputs = Vec::with_capacity(streams.len());
+    for mut s in streams {
+        let mut pooled = None;
+        while let Some(u) = s.recv().await {
+            if let Some(err) = u.finished.and_then(|o| o.error) {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    err,
+                ));
+            }
+            if u.pooling.is_some() {
+                pooled = u.pooling;
+                break;
+            }
+        }
+        outputs.push(pooled.ok_or_else(ApiError::engine_dead)?);
+    }
+    Ok(outputs)
 }
 
 /// The little-endian bytes of `v` in standard base64 with padding (what the `openai` client

@@ -209,6 +209,10 @@ pub struct ServeArgs {
     /// /metrics (stat-logger plugins still run).
     #[arg(long)]
     pub disable_log_stats: bool,
+    /// The IO processor plugin (group `io_processor`, by entry name) that `/pooling` hands
+    /// `data` requests to; wins over the `io_processor_plugin` key of the model's config.json.
+    #[arg(long, value_name = "NAME")]
+    pub io_processor_plugin: Option<String>,
 }
 
 #[derive(Debug, Args)]
