@@ -216,53 +216,68 @@ impl Dense {
         self.rows(x, r0, part);
     }
 
-    /// The output rows `part`, from input row `r0` on.
+    /// The output rows `part`, from input row `r0` on: blocks of four rows by two outputs,
+    /// then what is left one by one.
     #[inline(always)]
     fn rows(&self, x: &[f32], r0: usize, part: &mut [f32]) {
         let (inp, out) = (self.inp, self.out);
         let n = part.len() / out;
         let xr = |i: usize| &x[(r0 + i) * inp..][..inp];
+        let wr = |o: usize| &self.w[o * inp..][..inp];
         let mut i = 0;
         while i + 4 <= n {
             let xs = [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)];
-            for (o, (wrow, b)) in self.w.chunks(inp).zip(&self.b).enumerate() {
-                let d = dots(xs, wrow);
-                for (r, v) in d.iter().enumerate() {
-                    part[(i + r) * out + o] = v + b;
+            let mut o = 0;
+            while o + 2 <= out {
+                let d = dots(xs, [wr(o), wr(o + 1)]);
+                for (r, pair) in d.iter().enumerate() {
+                    part[(i + r) * out + o] = pair[0] + self.b[o];
+                    part[(i + r) * out + o + 1] = pair[1] + self.b[o + 1];
+                }
+                o += 2;
+            }
+            for o in o..out {
+                for (r, v) in dots(xs, [wr(o)]).iter().enumerate() {
+                    part[(i + r) * out + o] = v[0] + self.b[o];
                 }
             }
             i += 4;
         }
         for i in i..n {
-            for (o, (wrow, b)) in self.w.chunks(inp).zip(&self.b).enumerate() {
-                part[i * out + o] = dots([xr(i)], wrow)[0] + b;
+            for o in 0..out {
+                part[i * out + o] = dots([xr(i)], [wr(o)])[0][0] + self.b[o];
             }
         }
     }
 }
 
-/// `Σ x·w` for each of the rows `xs`: eight lanes, then the lanes in order, then the tail.
-/// Vectorises; a row's result does not depend on the other rows.
+/// `Σ x·w` for each row of `xs` and each weight row of `ws`: eight lanes, then the lanes in
+/// order, then the tail. Vectorises; one result does not depend on the other rows.
 #[inline(always)]
-fn dots<const R: usize>(xs: [&[f32]; R], w: &[f32]) -> [f32; R] {
-    let mut acc = [[0f32; 8]; R];
-    let full = w.len() / 8 * 8;
+fn dots<const R: usize, const O: usize>(xs: [&[f32]; R], ws: [&[f32]; O]) -> [[f32; O]; R] {
+    let mut acc = [[[0f32; 8]; O]; R];
+    let len = ws[0].len();
+    let full = len / 8 * 8;
     for c in (0..full).step_by(8) {
-        let wc = &w[c..c + 8];
-        for (a, x) in acc.iter_mut().zip(&xs) {
+        for (ar, x) in acc.iter_mut().zip(&xs) {
             let xc = &x[c..c + 8];
-            for l in 0..8 {
-                a[l] += xc[l] * wc[l];
+            for (a, w) in ar.iter_mut().zip(&ws) {
+                let wc = &w[c..c + 8];
+                for l in 0..8 {
+                    a[l] += xc[l] * wc[l];
+                }
             }
         }
     }
-    let mut out = [0f32; R];
-    for ((o, a), x) in out.iter_mut().zip(&acc).zip(&xs) {
-        let mut s = a.iter().fold(0f32, |s, v| s + v);
-        for (xv, wv) in x[full..].iter().zip(&w[full..]) {
-            s += xv * wv;
+    let mut out = [[0f32; O]; R];
+    for ((orow, ar), x) in out.iter_mut().zip(&acc).zip(&xs) {
+        for ((o, a), w) in orow.iter_mut().zip(ar).zip(&ws) {
+            let mut s = a.iter().fold(0f32, |s, v| s + v);
+            for (xv, wv) in x[full..].iter().zip(&w[full..]) {
+                s += xv * wv;
+            }
+            *o = s;
         }
-        *o = s;
     }
     out
 }
