@@ -55,7 +55,8 @@ if complete "$DEST"; then
     exit 0
 fi
 
-PY="$(command -v python3 || command -v python || true)"
+# $PYTHON (scripts/test.sh passes its virtualenv), else python3.
+PY="${PYTHON:-$(command -v python3 || command -v python || true)}"
 [[ -n "$PY" ]] || fail "python3 is required (for pip download)"
 
 TMP="$(mktemp -d)"

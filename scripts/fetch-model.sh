@@ -34,7 +34,8 @@ if [[ -f "$DEST" ]] && [[ "$(sha_of "$DEST")" == "$SHA256" ]]; then
     exit 0
 fi
 
-PY="$(command -v python3 || command -v python || true)"
+# $PYTHON (scripts/test.sh passes its virtualenv), else python3.
+PY="${PYTHON:-$(command -v python3 || command -v python || true)}"
 [[ -n "$PY" ]] || fail "python3 is required (for pip download)"
 
 TMP="$(mktemp -d)"

@@ -32,6 +32,10 @@ pub enum EngineError {
     /// The engine configuration is invalid.
     #[error("invalid engine configuration: {0}")]
     Config(String),
+
+    /// The platform refused the request (`Platform::validate_request`).
+    #[error("{0}")]
+    Rejected(String),
     /// The IO processor plugin could not be selected or built (vLLM's startup texts).
     #[error("{0}")]
     IoProcessor(String),

@@ -78,6 +78,8 @@ pub struct LLMEngine {
     config: ResolvedConfig,
     seeds: Generator,
     stats: Option<StatsCollector>,
+    /// The platform, asked to validate every request.
+    platform: Arc<dyn trellis_plugin::Platform>,
 }
 
 impl LLMEngine {
@@ -110,6 +112,23 @@ impl LLMEngine {
             }
             Some(m) => m,
             None => model_cfg.max_position_embeddings,
+        };
+        // vLLM's check_max_model_len: the platform may clamp it.
+        let max_model_len = match setup.platform.check_max_model_len(max_model_len) {
+            0 => {
+                return Err(EngineError::Config(format!(
+                    "platform {} allows no max_model_len (it returned 0 for {max_model_len})",
+                    setup.platform.device_name()
+                )));
+            }
+            m if m != max_model_len => {
+                crate::platform_setup::log(&format!(
+                    "Platform {} limits max_model_len to {m} (was {max_model_len})",
+                    setup.platform.device_name()
+                ));
+                m
+            }
+            m => m,
         };
         let block_size = pc.block_size;
         if block_size == 0 {
@@ -205,6 +224,7 @@ impl LLMEngine {
             },
             seeds,
             stats: None,
+            platform: setup.platform,
         })
     }
 
@@ -278,6 +298,14 @@ impl LLMEngine {
     ) -> Result<(), EngineError> {
         params.validate(self.config.model.vocab_size)?;
         let prompt_ids = self.tokenize(&prompt)?;
+        // vLLM's Platform.validate_request, once per request (before `n` splits it).
+        self.platform
+            .validate_request(&trellis_plugin::RequestInfo {
+                request_id,
+                prompt_token_ids: &prompt_ids,
+                max_tokens: params.max_tokens,
+            })
+            .map_err(|e| EngineError::Rejected(e.to_string()))?;
         let n = params.n;
         for index in 0..n {
             let mut child = params.clone();
@@ -369,6 +397,14 @@ impl LLMEngine {
                 "request id {request_id} is already in use"
             )));
         }
+        // vLLM's Platform.validate_request, as for generation.
+        self.platform
+            .validate_request(&trellis_plugin::RequestInfo {
+                request_id,
+                prompt_token_ids: &prompt_ids,
+                max_tokens: Some(1),
+            })
+            .map_err(|e| EngineError::Rejected(e.to_string()))?;
         self.core.add_request(EngineCoreRequest {
             request_id: request_id.to_string(),
             prompt_token_ids: prompt_ids.clone(),

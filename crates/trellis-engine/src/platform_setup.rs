@@ -207,7 +207,15 @@ pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Se
     }
     platform.seed_everything(config.seed);
     let device = platform.device()?;
-    let loaded = load_model_with(&registries.models, &config.model, &device)?;
+    // vLLM's verify_model_arch: the platform sees the architecture before it is built.
+    let mut models = registries.models.clone();
+    let checker = platform.clone();
+    models.set_architecture_check(Arc::new(move |architecture| {
+        checker
+            .verify_model_arch(architecture)
+            .map_err(|e| e.to_string())
+    }));
+    let loaded = load_model_with(&models, &config.model, &device)?;
     let m = loaded.model.config();
     let selector = AttentionSelectorConfig {
         head_size: m.head_dim,

@@ -117,6 +117,12 @@ pub enum ModelError {
         /// `plugin 'NAME' panicked in METHOD: MESSAGE`.
         message: String,
     },
+    /// The platform refused the architecture (its `verify_model_arch`).
+    #[error("{message}")]
+    ArchitectureRefused {
+        /// The platform's sentence.
+        message: String,
+    },
     /// A tensor operation failed while building the model.
     #[error("{}: {message}", path.display())]
     Candle {
@@ -219,7 +225,7 @@ pub enum PluginError {
     /// A platform's selection hook returned no backend (vLLM's text, spec §3.3).
     #[error("Invalid attention backend for {0}")]
     InvalidPlatformBackend(String),
-    /// A plugin's platform, backend or communicator panicked; the panic was caught on the
+    /// A plugin's platform or backend panicked; the panic was caught on the
     /// plugin's side ([`crate::guard`]).
     #[error("{message}")]
     Panicked {

@@ -92,8 +92,9 @@ pub fn fingerprint_difference(plugin: &str, host: &str) -> String {
         .join(", ")
 }
 
-/// The shared crates whose source [`BUILD_FINGERPRINT`] hashes.
-const SOURCE_HASHED: &[&str] = &["trellis-plugin", "trellis-sched"];
+/// The shared crates whose source [`BUILD_FINGERPRINT`] hashes, and `trellis-build`, the
+/// build-time helper that computes those hashes (nothing of it is in the compiled code).
+const SOURCE_HASHED: &[&str] = &["trellis-plugin", "trellis-sched", "trellis-build"];
 
 /// The crate whose dependency closure is "shared" between host and plugins.
 const ROOT_CRATE: &str = "trellis-plugin";

@@ -9,7 +9,7 @@
 //! entry returns: both are compiled into the plugin (they are instantiated by the plugin's
 //! copy of this crate), and they wrap every trait object the plugin hands the host — model
 //! factories and the models they build, attention backends and their per-layer
-//! implementations, platforms and their communicators, stat-logger factories and loggers — in
+//! implementations, platforms, stat-logger factories and loggers — in
 //! an adapter whose every method catches the plugin's panic on the plugin's side.
 //!
 //! What a caught panic becomes:
@@ -45,7 +45,7 @@ use crate::io_processor::{
 };
 use crate::model::{ForwardContext, Model, ModelConfig};
 use crate::model_registry::{LazyModelFactory, ModelFactory, ModelLoadContext};
-use crate::platform::{Communicator, Platform, PlatformConfig};
+use crate::platform::{Platform, PlatformConfig, RequestInfo};
 use crate::pooler::Pooler;
 use crate::registrar::Registrar;
 use crate::stats::{
@@ -161,6 +161,11 @@ impl Registrar for GuardingRegistrar<'_> {
 
     fn model_factory(&self, architecture: &str) -> Option<ModelFactory> {
         self.inner.model_factory(architecture)
+    }
+
+    fn register_gguf_architecture(&mut self, gguf_arch: &str, architecture: &str) {
+        self.inner
+            .register_gguf_architecture(gguf_arch, architecture);
     }
 
     fn register_attention_backend(
@@ -713,15 +718,23 @@ impl Platform for GuardedPlatform {
         )
     }
 
-    fn communicator(&self) -> Arc<dyn Communicator> {
-        let inner = self.owner.or_default(
-            "Platform::communicator",
-            || self.inner.communicator(),
-            || self.defaults().communicator(),
-        );
-        Arc::new(GuardedCommunicator {
-            inner,
-            owner: self.owner.clone(),
+    fn verify_model_arch(&self, architecture: &str) -> Result<(), PluginError> {
+        self.fallible("Platform::verify_model_arch", || {
+            self.inner.verify_model_arch(architecture)
+        })
+    }
+
+    fn check_max_model_len(&self, max_model_len: usize) -> usize {
+        self.owner.or_default(
+            "Platform::check_max_model_len",
+            || self.inner.check_max_model_len(max_model_len),
+            || max_model_len,
+        )
+    }
+
+    fn validate_request(&self, request: &RequestInfo<'_>) -> Result<(), PluginError> {
+        self.fallible("Platform::validate_request", || {
+            self.inner.validate_request(request)
         })
     }
 
@@ -731,38 +744,6 @@ impl Platform for GuardedPlatform {
             || self.inner.describe(),
             || self.defaults().describe(),
         )
-    }
-}
-
-/// A plugin platform's communicator.
-struct GuardedCommunicator {
-    inner: Arc<dyn Communicator>,
-    owner: Owner,
-}
-
-impl Communicator for GuardedCommunicator {
-    fn world_size(&self) -> usize {
-        self.owner
-            .or_default("Communicator::world_size", || self.inner.world_size(), || 1)
-    }
-
-    fn rank(&self) -> usize {
-        self.owner
-            .or_default("Communicator::rank", || self.inner.rank(), || 0)
-    }
-
-    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), PluginError> {
-        self.owner
-            .call("Communicator::all_reduce_sum", || {
-                self.inner.all_reduce_sum(data)
-            })
-            .map_err(|m| self.owner.plugin_error(m))?
-    }
-
-    fn barrier(&self) -> Result<(), PluginError> {
-        self.owner
-            .call("Communicator::barrier", || self.inner.barrier())
-            .map_err(|m| self.owner.plugin_error(m))?
     }
 }
 

@@ -31,8 +31,7 @@ pub use model_registry::{
     LazyModelFactory, ModelConfigSource, ModelFactory, ModelLoadContext, ModelRegistry,
 };
 pub use platform::{
-    Communicator, NamedPlatform, Platform, PlatformConfig, SingleProcessCommunicator,
-    resolve_platform, resolve_platform_with,
+    NamedPlatform, Platform, PlatformConfig, RequestInfo, resolve_platform, resolve_platform_with,
 };
 pub use pooler::{Pooler, PoolingType, l2_normalize};
 pub use registries::Registries;

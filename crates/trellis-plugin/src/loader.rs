@@ -648,6 +648,11 @@ impl Registrar for CountStatLoggers<'_> {
         self.inner.model_factory(architecture)
     }
 
+    fn register_gguf_architecture(&mut self, gguf_arch: &str, architecture: &str) {
+        self.inner
+            .register_gguf_architecture(gguf_arch, architecture);
+    }
+
     fn register_attention_backend(
         &mut self,
         name: &str,

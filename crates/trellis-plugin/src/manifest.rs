@@ -121,15 +121,20 @@ pub fn plugin_dirs() -> Vec<PathBuf> {
 
 /// `$XDG_DATA_HOME/trellis/plugins`, else `~/.local/share/trellis/plugins`.
 pub fn default_plugin_dir() -> Option<PathBuf> {
-    let data = std::env::var_os("XDG_DATA_HOME")
+    Some(xdg_dir("XDG_DATA_HOME", ".local/share")?.join("trellis/plugins"))
+}
+
+/// The XDG base directory `$xdg_var` when set and not empty, else `~/home_default`
+/// (`xdg_dir("XDG_CACHE_HOME", ".cache")`); `None` without HOME either.
+pub fn xdg_dir(xdg_var: &str, home_default: &str) -> Option<PathBuf> {
+    std::env::var_os(xdg_var)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| {
             std::env::var_os("HOME")
                 .filter(|v| !v.is_empty())
-                .map(|h| PathBuf::from(h).join(".local/share"))
-        })?;
-    Some(data.join("trellis/plugins"))
+                .map(|h| PathBuf::from(h).join(home_default))
+        })
 }
 
 /// Where `trellis plugins build` installs: the first entry of `TRELLIS_PLUGIN_PATH`, else the

@@ -75,11 +75,16 @@ impl Entry {
     }
 }
 
+/// Checks an architecture name before its factory runs; `Err` carries the refusal, one
+/// sentence (the engine installs the platform's `verify_model_arch` here).
+pub type ArchitectureCheck = Arc<dyn Fn(&str) -> std::result::Result<(), String> + Send + Sync>;
+
 /// Architecture name → factory, plus GGUF `general.architecture` → architecture name.
 #[derive(Clone, Default)]
 pub struct ModelRegistry {
     entries: BTreeMap<String, Entry>,
     gguf_architectures: BTreeMap<String, String>,
+    check: Option<ArchitectureCheck>,
 }
 
 impl std::fmt::Debug for ModelRegistry {
@@ -139,6 +144,22 @@ impl ModelRegistry {
         );
     }
 
+    /// Runs `check` on the architecture [`ModelRegistry::resolve_architectures`] or
+    /// [`ModelRegistry::resolve_gguf`] picks, before its factory is returned or made (vLLM
+    /// calls `Platform.verify_model_arch` before loading a model class).
+    pub fn set_architecture_check(&mut self, check: ArchitectureCheck) {
+        self.check = Some(check);
+    }
+
+    /// The factory of `architecture` once the check (if any) accepts it.
+    fn checked(&self, path: &Path, architecture: &str) -> Result<ModelFactory> {
+        if let Some(check) = &self.check {
+            check(architecture).map_err(|message| ModelError::ArchitectureRefused { message })?;
+        }
+        self.get(architecture)
+            .ok_or_else(|| self.unsupported(path, vec![architecture.to_string()]))
+    }
+
     /// Maps the GGUF `general.architecture` value `gguf_arch` to a registered architecture.
     pub fn register_gguf_architecture(&mut self, gguf_arch: &str, architecture: &str) {
         self.gguf_architectures
@@ -193,24 +214,27 @@ impl ModelRegistry {
                 path: path.to_path_buf(),
             });
         }
-        architectures
+        let architecture = architectures
             .iter()
-            .find_map(|a| self.get(a).map(|f| (a.clone(), f)))
-            .ok_or_else(|| self.unsupported(path, architectures.to_vec()))
+            .find(|a| self.contains(a))
+            .ok_or_else(|| self.unsupported(path, architectures.to_vec()))?;
+        Ok((architecture.clone(), self.checked(path, architecture)?))
     }
 
     /// The architecture name and factory for a GGUF file whose `general.architecture` is
     /// `gguf_arch`.
     pub fn resolve_gguf(&self, path: &Path, gguf_arch: &str) -> Result<(String, ModelFactory)> {
-        self.gguf_architectures
+        let architecture = self
+            .gguf_architectures
             .get(gguf_arch)
-            .and_then(|a| self.get(a).map(|f| (a.clone(), f)))
+            .filter(|a| self.contains(a))
             .ok_or_else(|| {
                 self.unsupported(
                     path,
                     vec![format!("{gguf_arch} (GGUF general.architecture)")],
                 )
-            })
+            })?;
+        Ok((architecture.clone(), self.checked(path, architecture)?))
     }
 }
 

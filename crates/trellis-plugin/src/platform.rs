@@ -44,42 +44,16 @@ pub struct PlatformConfig {
     pub warnings: Vec<String>,
 }
 
-/// Collective operations between the processes of a parallel group (vLLM's device
-/// communicator). Trellis runs one process; plugins for multi-device hardware implement more.
-pub trait Communicator: Send + Sync {
-    /// Processes in the group.
-    fn world_size(&self) -> usize;
-
-    /// This process's rank in the group.
-    fn rank(&self) -> usize;
-
-    /// Sums `data` element-wise over the group, in place.
-    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), PluginError>;
-
-    /// Waits until every process of the group reaches it.
-    fn barrier(&self) -> Result<(), PluginError>;
-}
-
-/// The communicator of a group of one: every collective is the identity.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SingleProcessCommunicator;
-
-impl Communicator for SingleProcessCommunicator {
-    fn world_size(&self) -> usize {
-        1
-    }
-
-    fn rank(&self) -> usize {
-        0
-    }
-
-    fn all_reduce_sum(&self, _data: &mut [f32]) -> Result<(), PluginError> {
-        Ok(())
-    }
-
-    fn barrier(&self) -> Result<(), PluginError> {
-        Ok(())
-    }
+/// What [`Platform::validate_request`] sees of a request: its id, its prompt as token ids and
+/// how many tokens it may generate (`None`: up to the context length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestInfo<'a> {
+    /// The request id.
+    pub request_id: &'a str,
+    /// The prompt, tokenized.
+    pub prompt_token_ids: &'a [u32],
+    /// The most tokens it may generate, when the request says.
+    pub max_tokens: Option<usize>,
 }
 
 /// A hardware platform.
@@ -178,9 +152,27 @@ pub trait Platform: Send + Sync {
         let _ = seed;
     }
 
-    /// The communicator for parallel groups. Default: a group of one.
-    fn communicator(&self) -> Arc<dyn Communicator> {
-        Arc::new(SingleProcessCommunicator)
+    /// vLLM's `verify_model_arch`: called with the architecture the model registry resolved
+    /// (`LlamaForCausalLM`, ...) before its factory builds the model; an error refuses it
+    /// and start-up fails with that error. Default: every architecture is accepted.
+    fn verify_model_arch(&self, architecture: &str) -> Result<(), PluginError> {
+        let _ = architecture;
+        Ok(())
+    }
+
+    /// vLLM's `check_max_model_len`: the longest sequence this platform allows, given the one
+    /// the engine derived (`--max-model-len`, else the model's context length). It may clamp
+    /// it (the engine logs the change); 0 is refused. Default: unchanged.
+    fn check_max_model_len(&self, max_model_len: usize) -> usize {
+        max_model_len
+    }
+
+    /// vLLM's `validate_request`: called for every request after tokenization, before it is
+    /// queued; an error rejects that request alone (a 400 in `trellis serve`). Default:
+    /// every request is accepted.
+    fn validate_request(&self, request: &RequestInfo<'_>) -> Result<(), PluginError> {
+        let _ = request;
+        Ok(())
     }
 
     /// Device facts for the startup log, after the name: "Platform: NAME (FACTS)". Default:
@@ -309,8 +301,15 @@ mod tests {
     fn defaults_are_sensible() {
         let f = Fake("cpu", "cpu");
         assert!(f.is_cpu());
-        assert_eq!(f.communicator().world_size(), 1);
         assert!(f.verify_quantization("Q4_1").is_ok());
+        assert!(f.verify_model_arch("LlamaForCausalLM").is_ok());
+        assert_eq!(f.check_max_model_len(2048), 2048);
+        let request = RequestInfo {
+            request_id: "r",
+            prompt_token_ids: &[1, 2],
+            max_tokens: Some(4),
+        };
+        assert!(f.validate_request(&request).is_ok());
         assert_eq!(f.describe(), "device type cpu");
     }
 }

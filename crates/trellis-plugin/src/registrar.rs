@@ -33,6 +33,11 @@ pub trait Registrar {
     /// plugin can wrap it; `None` when the architecture is unknown.
     fn model_factory(&self, architecture: &str) -> Option<ModelFactory>;
 
+    /// Maps the GGUF `general.architecture` value `gguf_arch` (`llama`, `qwen2`, ...) to
+    /// `architecture`, so that GGUF files of an architecture the plugin registers load too
+    /// (a later mapping of the same value replaces the earlier one).
+    fn register_gguf_architecture(&mut self, gguf_arch: &str, architecture: &str);
+
     /// Registers an attention backend under `name` (case-insensitive): a new name, or an
     /// override of an existing one (a built-in or `CUSTOM`).
     fn register_attention_backend(
@@ -58,6 +63,7 @@ pub trait Registrar {
 pub(crate) enum Registration {
     Model(String, ModelFactory),
     ModelLazy(String, LazyModelFactory),
+    GgufArchitecture(String, String),
     AttentionBackend(String, Arc<dyn AttentionBackend>),
     StatLogger(String, StatLoggerFactory),
     IoProcessor(String, IoProcessorFactory),
@@ -69,6 +75,7 @@ impl Registration {
         match self {
             Registration::Model(a, f) => target.register_model(a, f.clone()),
             Registration::ModelLazy(a, m) => target.register_model_lazy(a, m.clone()),
+            Registration::GgufArchitecture(g, a) => target.register_gguf_architecture(g, a),
             Registration::AttentionBackend(n, b) => {
                 target.register_attention_backend(n, b.clone())?
             }
@@ -108,6 +115,15 @@ impl Registrar for Recorder<'_> {
 
     fn model_factory(&self, architecture: &str) -> Option<ModelFactory> {
         self.inner.model_factory(architecture)
+    }
+
+    fn register_gguf_architecture(&mut self, gguf_arch: &str, architecture: &str) {
+        self.log.push(Registration::GgufArchitecture(
+            gguf_arch.to_string(),
+            architecture.to_string(),
+        ));
+        self.inner
+            .register_gguf_architecture(gguf_arch, architecture);
     }
 
     fn register_attention_backend(
@@ -150,6 +166,11 @@ impl Registrar for crate::registries::Registries {
         self.models
             .get(architecture)
             .map(|f| crate::guard::guard_host_model_factory(architecture, f))
+    }
+
+    fn register_gguf_architecture(&mut self, gguf_arch: &str, architecture: &str) {
+        self.models
+            .register_gguf_architecture(gguf_arch, architecture);
     }
 
     fn register_attention_backend(

@@ -99,6 +99,7 @@ impl From<EngineError> for ApiError {
             EngineError::Scheduler(s) => ApiError::bad_request(s.to_string(), None),
             EngineError::Tokenizer(t) => ApiError::bad_request(t.to_string(), None),
             EngineError::Config(c) => ApiError::bad_request(c, None),
+            EngineError::Rejected(r) => ApiError::bad_request(r, None),
             EngineError::InvalidPoolingParams(p) => {
                 ApiError::bad_request(p.to_string(), Some("dimensions"))
             }

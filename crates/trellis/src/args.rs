@@ -34,13 +34,23 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum PluginsCommand {
-    /// Every discovered plugin: groups, compiled in or from which folder, and its status.
-    List,
+    /// Every discovered plugin: name, group, compiled in or from which folder, and its status
+    /// (a header row, then tab-separated rows).
+    List {
+        /// One JSON array instead, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Build a plugin crate (cdylib) against this trellis and install it into the plugin
-    /// directory (first entry of TRELLIS_PLUGIN_PATH, else ~/.local/share/trellis/plugins).
+    /// directory (first entry of TRELLIS_PLUGIN_PATH, else $XDG_DATA_HOME/trellis/plugins,
+    /// else ~/.local/share/trellis/plugins). Nothing is written into the crate's folder.
     Build {
         /// The plugin crate's directory.
         path: PathBuf,
+        /// Where cargo compiles (default: CARGO_TARGET_DIR, else ~/.cache/trellis/plugin-target,
+        /// shared by every plugin so that the dependencies are compiled once).
+        #[arg(long)]
+        target_dir: Option<PathBuf>,
         /// Build with the dev profile (`cargo build`, no `--release`): faster to compile, and
         /// with CARGO_TARGET_DIR pointing at an existing target directory already-built
         /// dependencies are reused. The fingerprint does not depend on the profile.
@@ -264,7 +274,7 @@ pub struct ThroughputArgs {
     /// Tokens generated per prompt (EOS ignored).
     #[arg(long, default_value_t = 128)]
     pub output_len: usize,
-    /// Print the result as JSON too.
+    /// Also write the result as JSON to this file.
     #[arg(long)]
     pub output_json: Option<PathBuf>,
 }
@@ -288,7 +298,7 @@ pub struct LatencyArgs {
     /// Warm-up iterations (not measured).
     #[arg(long, default_value_t = 1)]
     pub num_iters_warmup: usize,
-    /// Print the result as JSON too.
+    /// Also write the result as JSON to this file.
     #[arg(long)]
     pub output_json: Option<PathBuf>,
 }
@@ -424,7 +434,7 @@ pub struct ServeBenchArgs {
     /// Seed of the random prompts and arrivals.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Write the result as JSON here too.
+    /// Also write the result as JSON to this file.
     #[arg(long)]
     pub output_json: Option<PathBuf>,
 }

@@ -50,8 +50,12 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Throughput(a)) => bench::throughput(a),
         Command::Bench(BenchCommand::Latency(a)) => bench::latency(a),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve::run(a),
-        Command::Plugins(PluginsCommand::List) => plugins::list(),
-        Command::Plugins(PluginsCommand::Build { path, debug }) => plugins::build(&path, debug),
+        Command::Plugins(PluginsCommand::List { json }) => plugins::list(json),
+        Command::Plugins(PluginsCommand::Build {
+            path,
+            debug,
+            target_dir,
+        }) => plugins::build(&path, debug, target_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

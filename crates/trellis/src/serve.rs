@@ -56,10 +56,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let mut registries = crate::platforms::engine_registries()?;
     // Stat-logger plugins are loaded by the serving engine only, as in vLLM.
     trellis_plugin::load_stat_logger_plugins(&mut registries)?;
-    let engine = Arc::new(
-        AsyncLLM::with_registries(config, registries)
-            .with_context(|| format!("cannot load {model_path}"))?,
-    );
+    let engine = match AsyncLLM::with_registries(config, registries) {
+        Ok(engine) => Arc::new(engine),
+        // Most load errors name the file already: say it once.
+        Err(e) if e.to_string().contains(&model_path) => return Err(e.into()),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot load {model_path}"))),
+    };
     let mut server = ServerConfig::new(served_name.clone(), model_path);
     server.api_key = args.api_key.clone().filter(|k| !k.is_empty());
     server.chat_template = chat_template;

@@ -47,6 +47,18 @@ fn assert_one_line_error(code: i32, stderr: &str, needles: &[&str]) {
 fn missing_model_file() {
     let (code, err) = generate_with(Path::new("/nonexistent/model.gguf"));
     assert_one_line_error(code, &err, &["/nonexistent/model.gguf", "no such file"]);
+    // `serve` says the same, naming the file once.
+    let out = trellis()
+        .args(["serve", "--port", "0", "--model", "/nonexistent/model.gguf"])
+        .output()
+        .expect("run trellis");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_error(
+        out.status.code().unwrap_or(-1),
+        &err,
+        &["/nonexistent/model.gguf", "no such file"],
+    );
+    assert_eq!(err.matches("/nonexistent/model.gguf").count(), 1, "{err}");
 }
 
 #[test]

@@ -208,32 +208,132 @@ fn two_activated_platform_plugins_are_an_error() {
 fn a_platform_refuses_a_quantization_it_does_not_list() {
     let tmp = tempfile::tempdir().unwrap();
     let input = write_input(tmp.path(), "{\"prompt\": \"hi\"}\n");
-    let mut cmd = with(&[DUMMY_PLATFORM]);
-    cmd.env("DUMMY_PLATFORM_QUANTIZATIONS", "fp8");
-    generate(
-        &mut cmd,
-        &default_model(),
-        &input,
-        &tmp.path().join("o"),
-        &["--max-tokens", "2"],
-    );
-    let (code, _, err) = run(&mut cmd);
+    let output = tmp.path().join("o");
+    let only_fp8 = [("DUMMY_PLATFORM_QUANTIZATIONS", "fp8")];
+    let (code, _, err) = generate_on_dummy_platform(&only_fp8, &input, &output);
     one_error_line(
         code,
         &err,
         &["gguf quantization is currently not supported in DummyDevice."],
     );
+    let with_gguf = [("DUMMY_PLATFORM_QUANTIZATIONS", "fp8,gguf")];
+    let (code, _, err) = generate_on_dummy_platform(&with_gguf, &input, &output);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// `generate` of `input` on the default model (2 tokens) with the dummy platform and `envs`.
+fn generate_on_dummy_platform(
+    envs: &[(&str, &str)],
+    input: &Path,
+    output: &Path,
+) -> (i32, String, String) {
     let mut cmd = with(&[DUMMY_PLATFORM]);
-    cmd.env("DUMMY_PLATFORM_QUANTIZATIONS", "fp8,gguf");
+    cmd.envs(envs.iter().copied());
     generate(
         &mut cmd,
         &default_model(),
-        &input,
-        &tmp.path().join("o2"),
+        input,
+        output,
         &["--max-tokens", "2"],
     );
+    run(&mut cmd)
+}
+
+/// Issue 11, the platform hooks vLLM calls: `verify_model_arch` before the model is built,
+/// `check_max_model_len` (which may clamp), and `validate_request` for every request.
+#[test]
+fn platform_hooks_verify_model_arch_check_max_model_len_and_validate_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 6 tokens.
+    let input = write_input(tmp.path(), "{\"prompt\": \"The capital of France is a\"}\n");
+    let output = tmp.path().join("o");
+    let run_with = |envs: &[(&str, &str)]| generate_on_dummy_platform(envs, &input, &output);
+    let (code, _, err) = run_with(&[("DUMMY_PLATFORM_REFUSE_ARCH", "LlamaForCausalLM")]);
+    one_error_line(
+        code,
+        &err,
+        &[
+            "platform DummyDevice: model architecture LlamaForCausalLM is not supported on \
+           DummyDevice",
+        ],
+    );
+    assert!(!err.contains("Using attention backend"), "{err}");
+
+    let (code, _, err) = run_with(&[("DUMMY_PLATFORM_MAX_MODEL_LEN", "4")]);
+    assert!(
+        err.contains("Platform DummyDevice limits max_model_len to 4 (was 256)"),
+        "{err}"
+    );
+    one_error_line(
+        code,
+        &err,
+        &["is longer than the maximum model length of 4"],
+    );
+
+    let (code, _, err) = run_with(&[("DUMMY_PLATFORM_MAX_PROMPT_TOKENS", "3")]);
+    one_error_line(
+        code,
+        &err,
+        &["a prompt of 6 tokens is longer than the 3 tokens DummyDevice accepts"],
+    );
+    let (code, _, err) = run_with(&[("DUMMY_PLATFORM_MAX_PROMPT_TOKENS", "6")]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Issue 11, `Platform::validate_request` in `trellis serve`: a refused request is a 400 with
+/// the platform's sentence, and the server keeps serving the others.
+#[test]
+fn serve_answers_a_request_the_platform_refuses_with_400() {
+    let mut cmd = with(&[DUMMY_PLATFORM]);
+    cmd.env("DUMMY_PLATFORM_MAX_PROMPT_TOKENS", "3");
+    let s = Served::start(cmd);
+    let (status, body) = s.post_completion(serde_json::json!([1, 2, 3, 4, 5]), 2);
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("a prompt of 5 tokens is longer than the 3 tokens DummyDevice accepts"),
+        "{body}"
+    );
+    let (status, body) = s.post_completion(serde_json::json!([1, 2, 3]), 2);
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Issue 11, registries reachable from plugins: the dummy-model plugin maps the GGUF
+/// `general.architecture` value `dummy` to its architecture, so a GGUF file that says `dummy`
+/// loads as `MyLlamaForCausalLM`; without the plugin it is an unsupported architecture.
+#[test]
+fn a_plugin_maps_a_gguf_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(default_model()).unwrap();
+    // `general.architecture` = "llama" → "dummy" (same length: the layout does not move).
+    let key = b"general.architecture";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("general.architecture in the header");
+    let value = at + key.len() + 4 + 8; // type (u32), string length (u64)
+    assert_eq!(&bytes[value..value + 5], b"llama");
+    bytes[value..value + 5].copy_from_slice(b"dummy");
+    let model = tmp.path().join("dummy.gguf");
+    std::fs::write(&model, &bytes).unwrap();
+    drop(bytes);
+    let input = write_input(tmp.path(), "{\"prompt_token_ids\": [5, 9, 3]}\n");
+    let output = tmp.path().join("out.jsonl");
+    let mut cmd = with(&[DUMMY_MODEL]);
+    generate(&mut cmd, &model, &input, &output, &["--max-tokens", "3"]);
     let (code, _, err) = run(&mut cmd);
     assert_eq!(code, 0, "{err}");
+    assert_eq!(output_token_ids(&output), vec![vec![0, 0, 0]]);
+
+    let mut cmd = with(&[DUMMY_MODEL]);
+    cmd.env("VLLM_PLUGINS", "");
+    generate(&mut cmd, &model, &input, &output, &["--max-tokens", "3"]);
+    let (code, _, err) = run(&mut cmd);
+    one_error_line(
+        code,
+        &err,
+        &["Model architectures ['dummy (GGUF general.architecture)'] are not supported"],
+    );
 }
 
 #[test]

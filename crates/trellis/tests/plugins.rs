@@ -56,6 +56,61 @@ fn runtime_plugin_is_listed_and_loaded() {
     assert!(!err.contains("VLLM_PLUGINS requested"), "{err}");
 }
 
+/// `plugins list` starts with a header row; `--json` gives the same rows as one JSON array.
+#[test]
+fn plugins_list_has_a_header_and_json() {
+    let dir = installed();
+    let (out, _) = list(&mut trellis(Some(&dir)));
+    assert_eq!(
+        out.lines().next(),
+        Some("NAME\tGROUP\tORIGIN\tSTATUS"),
+        "{out}"
+    );
+    let out = trellis(Some(&dir))
+        .args(["plugins", "list", "--json"])
+        .output()
+        .expect("run trellis");
+    assert!(out.status.success());
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let row = rows
+        .as_array()
+        .expect("an array")
+        .iter()
+        .find(|r| r["name"] == DUMMY_MODEL && r["origin"] == "library")
+        .unwrap_or_else(|| panic!("{rows}"));
+    assert_eq!(row["group"], "general");
+    assert_eq!(row["status"], "loaded");
+    assert!(
+        row["library_dir"]
+            .as_str()
+            .is_some_and(|d| d.ends_with("dummy-model")),
+        "{row}"
+    );
+}
+
+/// `plugins build` leaves the plugin's folder as it found it (no Cargo.lock, no target/) and
+/// says where the library went.
+#[cfg(not(feature = "example-plugins"))]
+#[test]
+fn plugins_build_writes_nothing_into_the_plugin_folder() {
+    let source = common::repo().join("examples/plugins/json-stat-logger");
+    let dest = tempfile::tempdir().unwrap();
+    let (target, _lock) = common::build_lock();
+    let (code, out, err) = common::run(
+        common::trellis(&[dest.path()])
+            .args(["plugins", "build", "--debug", "--target-dir"])
+            .arg(&target)
+            .arg(&source)
+            .env_remove("CARGO_TARGET_DIR"),
+    );
+    assert_eq!(code, 0, "{err}");
+    let library = dest.path().join("json-stat-logger/libjson_stat_logger.so");
+    assert!(out.contains(&library.display().to_string()), "{out}");
+    assert!(library.is_file());
+    assert!(!source.join("Cargo.lock").exists());
+    assert!(!source.join("target").exists());
+}
+
 #[test]
 fn vllm_plugins_empty_filters_everything() {
     let (out, _) = list(trellis(Some(&installed())).env("VLLM_PLUGINS", ""));
@@ -232,6 +287,7 @@ fn broken_manifest_is_reported_once() {
 
 /// Copies the file or directory `from` to `to`, leaving out `target` directories and
 /// `Cargo.lock`.
+#[cfg(not(feature = "example-plugins"))]
 fn copy_tree(from: &Path, to: &Path) {
     if from.is_dir() {
         std::fs::create_dir_all(to).expect("create a directory");
@@ -263,13 +319,14 @@ fn swapped_trait_methods_are_refused_and_identical_path_and_git_copies_are_accep
     let root = std::fs::read_to_string(repo.join("Cargo.toml")).unwrap();
     let root = root.replace(
         "members = [\"crates/*\"]",
-        "members = [\"crates/trellis-plugin\", \"crates/trellis-sched\"]",
+        "members = [\"crates/trellis-plugin\", \"crates/trellis-sched\", \"crates/trellis-build\"]",
     );
     std::fs::create_dir_all(&ws).unwrap();
     std::fs::write(ws.join("Cargo.toml"), root).unwrap();
     for c in [
         "crates/trellis-plugin",
         "crates/trellis-sched",
+        "crates/trellis-build",
         "examples/plugins/dummy-platform",
     ] {
         copy_tree(&repo.join(c), &ws.join(c));

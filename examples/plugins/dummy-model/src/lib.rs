@@ -18,6 +18,9 @@ use trellis_plugin::{
 /// The architecture name this plugin adds.
 pub const ARCHITECTURE: &str = "MyLlamaForCausalLM";
 
+/// The GGUF `general.architecture` value it maps to [`ARCHITECTURE`].
+pub const GGUF_ARCHITECTURE: &str = "dummy";
+
 struct AlwaysZero {
     inner: Box<dyn Model>,
     config: ModelConfig,
@@ -84,6 +87,8 @@ pub fn register(registrar: &mut dyn Registrar) -> RegisterResult {
         Ok::<_, ModelError>(model)
     });
     registrar.register_model(ARCHITECTURE, factory);
+    // GGUF files whose `general.architecture` is `dummy` (with llama's metadata) load as it.
+    registrar.register_gguf_architecture(GGUF_ARCHITECTURE, ARCHITECTURE);
     Ok(())
 }
 

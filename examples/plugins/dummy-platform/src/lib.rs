@@ -5,14 +5,16 @@
 //!
 //! A second platform entry, `dummy_platform_plugin_b`, activates only when the environment
 //! variable `DUMMY_PLATFORM_B` is set: the tests use it to check that two activated platform
-//! plugins are an error.
+//! plugins are an error. Other variables exercise the platform hooks the engine calls:
+//! `DUMMY_PLATFORM_QUANTIZATIONS`, `DUMMY_PLATFORM_REFUSE_ARCH`, `DUMMY_PLATFORM_MAX_MODEL_LEN`
+//! and `DUMMY_PLATFORM_MAX_PROMPT_TOKENS`.
 
 use std::sync::Arc;
 
 use candle_core::{Device, Result};
 use trellis_plugin::{
-    AttentionBackend, AttentionImpl, AttentionShape, KvCacheSpec, Platform, RegisterResult,
-    Registrar,
+    AttentionBackend, AttentionImpl, AttentionShape, KvCacheSpec, Platform, PluginError,
+    RegisterResult, Registrar, RequestInfo,
 };
 
 mod paged;
@@ -56,8 +58,52 @@ impl Platform for DummyPlatform {
         vec![DUMMY_ATTN.to_string(), "CPU_REFERENCE".to_string()]
     }
 
+    /// Refuses the architecture named by `DUMMY_PLATFORM_REFUSE_ARCH` (tests).
+    fn verify_model_arch(&self, architecture: &str) -> std::result::Result<(), PluginError> {
+        match std::env::var("DUMMY_PLATFORM_REFUSE_ARCH") {
+            Ok(refused) if refused == architecture => Err(self.error(format!(
+                "model architecture {architecture} is not supported on {}",
+                self.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// At most `DUMMY_PLATFORM_MAX_MODEL_LEN` tokens a sequence, when set (tests).
+    fn check_max_model_len(&self, max_model_len: usize) -> usize {
+        std::env::var("DUMMY_PLATFORM_MAX_MODEL_LEN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(max_model_len, |limit: usize| max_model_len.min(limit))
+    }
+
+    /// Refuses prompts longer than `DUMMY_PLATFORM_MAX_PROMPT_TOKENS`, when set (tests).
+    fn validate_request(&self, request: &RequestInfo<'_>) -> std::result::Result<(), PluginError> {
+        let limit: Option<usize> = std::env::var("DUMMY_PLATFORM_MAX_PROMPT_TOKENS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        match limit {
+            Some(limit) if request.prompt_token_ids.len() > limit => Err(self.error(format!(
+                "request {}: a prompt of {} tokens is longer than the {limit} tokens {} accepts",
+                request.request_id,
+                request.prompt_token_ids.len(),
+                self.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     fn describe(&self) -> String {
         "device type dummy, an example platform plugin running on the CPU".to_string()
+    }
+}
+
+impl DummyPlatform {
+    fn error(&self, message: String) -> PluginError {
+        PluginError::Config {
+            platform: self.name.to_string(),
+            message,
+        }
     }
 }
 
