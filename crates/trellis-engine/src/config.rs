@@ -69,6 +69,10 @@ pub struct EngineConfig {
     /// Turn the model into another kind (`--convert`): `embed` makes a generative model an
     /// embedding model (last-token pooling, normalised), as vLLM does.
     pub convert: ConvertOption,
+    /// The IO processor plugin `LLM::encode_plugin` hands `data` to (vLLM's
+    /// `LLM(io_processor_plugin=...)`); wins over the `io_processor_plugin` key of the model's
+    /// config.json. `trellis serve` takes `--io-processor-plugin`.
+    pub io_processor_plugin: Option<String>,
 }
 
 /// `--runner` (vLLM's names).
@@ -173,6 +177,7 @@ impl EngineConfig {
             disable_log_stats: false,
             runner: RunnerOption::Auto,
             convert: ConvertOption::Auto,
+            io_processor_plugin: None,
         }
     }
 

@@ -36,6 +36,9 @@ pub enum EngineError {
     /// The platform refused the request (`Platform::validate_request`).
     #[error("{0}")]
     Rejected(String),
+    /// An IO processor refused a request's `data` (its own text).
+    #[error("{0}")]
+    InvalidPluginData(String),
     /// The IO processor plugin could not be selected or built (vLLM's startup texts).
     #[error("{0}")]
     IoProcessor(String),

@@ -6,10 +6,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use trellis_plugin::{IoProcessor, IoProcessorContext, IoProcessorFactory};
+use trellis_plugin::{
+    IoPoolingOutput, IoProcessor, IoProcessorContext, IoProcessorFactory, IoPrompt,
+};
 
 use crate::error::EngineError;
-use crate::llm::ResolvedConfig;
+use crate::llm::{Prompt, ResolvedConfig};
+use crate::outputs::PoolingRequestOutput;
+use crate::pooling_params::{PoolingParams, PoolingTask};
 
 /// The processor name the model's `config.json` asks for (`io_processor_plugin`), if any.
 pub fn io_processor_from_config(model: &Path) -> Option<String> {
@@ -51,6 +55,72 @@ pub fn build_io_processor(
     Ok(Arc::from(processor))
 }
 
+/// vLLM's offline error when a plugin request has no `data`.
+pub const NO_DATA: &str = "The 'data' field of the prompt is expected to contain the prompt \
+    data and it cannot be None.";
+
+/// The first half of the IO-processor flow (spec §6.3): `parse_data(data)`, `pre_process`
+/// (with `request_id`) into engine prompts, and `merge_pooling_params()` (task `plugin` unless
+/// the plugin says otherwise; `normalize` from the request wins). Bad data is
+/// [`EngineError::InvalidPluginData`] with the plugin's text.
+pub fn plugin_prompts(
+    processor: &dyn IoProcessor,
+    data: Option<&serde_json::Value>,
+    request_id: &str,
+    normalize: Option<bool>,
+) -> Result<(Vec<Prompt>, PoolingParams), EngineError> {
+    let data = data
+        .filter(|d| !d.is_null())
+        .ok_or_else(|| EngineError::InvalidPluginData(NO_DATA.into()))?;
+    let bad =
+        |e: Box<dyn std::error::Error + Send + Sync>| EngineError::InvalidPluginData(e.to_string());
+    let input = processor.parse_data(data).map_err(bad)?;
+    let prompts: Vec<Prompt> = processor
+        .pre_process(&input, Some(request_id))
+        .map_err(bad)?
+        .into_iter()
+        .map(|p| match p {
+            IoPrompt::Text(t) => Prompt::Text(t),
+            IoPrompt::TokenIds(ids) => Prompt::Tokens(ids),
+        })
+        .collect();
+    if prompts.is_empty() {
+        return Err(EngineError::InvalidPluginData(
+            "You must pass at least one prompt".into(),
+        ));
+    }
+    let merged = processor.merge_pooling_params(None);
+    let params = PoolingParams {
+        task: merged
+            .task
+            .as_deref()
+            .and_then(PoolingTask::parse)
+            .unwrap_or(PoolingTask::Plugin),
+        normalize: normalize.or(merged.normalize),
+        dimensions: None,
+    };
+    Ok((prompts, params))
+}
+
+/// The second half: `post_process` of the pooled outputs (in prompt order).
+pub fn plugin_output(
+    processor: &dyn IoProcessor,
+    outputs: Vec<PoolingRequestOutput>,
+    request_id: &str,
+) -> Result<serde_json::Value, EngineError> {
+    let outputs: Vec<IoPoolingOutput> = outputs
+        .into_iter()
+        .map(|o| IoPoolingOutput {
+            request_id: o.request_id,
+            prompt_token_ids: o.prompt_token_ids,
+            data: o.outputs.data,
+        })
+        .collect();
+    processor
+        .post_process(&outputs, Some(request_id))
+        .map_err(|e| EngineError::IoProcessor(format!("IoProcessor::post_process: {e}")))
+}
+
 /// A selected IO processor and the name it was selected by.
 pub type SelectedIoProcessor = (String, Arc<dyn IoProcessor>);
 
@@ -77,7 +147,7 @@ pub fn select_io_processor(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_plugin::{IoPoolingOutput, IoPrompt, IoResult};
+    use trellis_plugin::IoResult;
 
     struct Dummy;
 

@@ -52,6 +52,6 @@ pub use pooling_params::{PoolingParams, PoolingParamsError, PoolingTask};
 pub use sampling_params::{SamplingParams, SamplingParamsError};
 pub use trellis_plugin::Registries;
 pub use trellis_plugin::{
-    IoPoolingOutput, IoPoolingParams, IoProcessor, IoPrompt, Pooler, PoolingType,
+    IoPoolingOutput, IoPoolingParams, IoProcessor, IoPrompt, IoResult, Pooler, PoolingType,
 };
 pub use trellis_sched::FinishReason;

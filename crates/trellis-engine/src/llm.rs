@@ -4,12 +4,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use trellis_models::WeightFormat;
-use trellis_plugin::{Model, ModelConfig, Pooler, PoolingType, Registries};
+use trellis_plugin::{IoProcessor, Model, ModelConfig, Pooler, PoolingType, Registries};
 use trellis_sched::{Scheduler, SchedulerConfig};
 
 use crate::config::{ConvertOption, EngineConfig, RunnerOption, RunnerType, UsageContext};
 use crate::engine_core::{EngineCore, EngineCoreRequest, StepOutput};
 use crate::error::EngineError;
+use crate::io_processor::{plugin_output, plugin_prompts, select_io_processor};
 use crate::metrics::StatsCollector;
 use crate::model_runner::ModelRunner;
 use crate::output_processor::{OutputProcessor, child_request_id};
@@ -558,6 +559,7 @@ fn resolve_runner(config: &EngineConfig, model: &dyn Model) -> Result<RunnerType
 pub struct LLM {
     engine: LLMEngine,
     next_id: u64,
+    io_processor: Option<Arc<dyn IoProcessor>>,
 }
 
 impl LLM {
@@ -573,10 +575,42 @@ impl LLM {
         config: EngineConfig,
         registries: &Registries,
     ) -> Result<Self, EngineError> {
+        let engine = LLMEngine::with_registries(config, registries)?;
+        let io_processor = select_io_processor(
+            engine.config().engine.io_processor_plugin.as_deref(),
+            engine.config(),
+        )?
+        .map(|(_, p)| p);
         Ok(LLM {
-            engine: LLMEngine::with_registries(config, registries)?,
+            engine,
             next_id: 0,
+            io_processor,
         })
+    }
+
+    /// Sets (or removes) the IO processor [`Self::encode_plugin`] uses.
+    pub fn set_io_processor(&mut self, processor: Option<Arc<dyn IoProcessor>>) {
+        self.io_processor = processor;
+    }
+
+    /// vLLM's `LLM.encode({"data": ...})` with an IO processor (spec §6.3, offline):
+    /// `parse_data` → `pre_process` → every prompt pooled (one batch) → `post_process`; the
+    /// plugin's output.
+    pub fn encode_plugin(
+        &mut self,
+        data: &serde_json::Value,
+    ) -> Result<serde_json::Value, EngineError> {
+        let processor = self.io_processor.clone().ok_or_else(|| {
+            EngineError::IoProcessor(
+                "No IOProcessor plugin installed: set io_processor_plugin (or the model's \
+                 config.json io_processor_plugin)"
+                    .into(),
+            )
+        })?;
+        let request_id = format!("pooling-{}", self.next_id);
+        let (prompts, params) = plugin_prompts(processor.as_ref(), Some(data), &request_id, None)?;
+        let outputs = self.encode(&prompts, &params)?;
+        plugin_output(processor.as_ref(), outputs, &request_id)
     }
 
     /// The engine underneath.

@@ -171,3 +171,74 @@ fn generative_model_refuses_embeddings_unless_converted() {
     assert!((norm - 1.0).abs() < 1e-4, "{norm}");
     assert_ne!(out[0].outputs.data, out[1].outputs.data);
 }
+
+/// A plugin-style IO processor (the shape of examples/plugins/semantic-search): the query
+/// first, then the documents; post_process returns the documents' cosines with the query.
+struct Cosines;
+
+impl trellis_engine::IoProcessor for Cosines {
+    fn parse_data(&self, data: &serde_json::Value) -> trellis_engine::IoResult<serde_json::Value> {
+        match data["texts"].as_array() {
+            Some(t) if t.iter().all(|v| v.is_string()) => Ok(data.clone()),
+            _ => Err("data must be {\"texts\": [string, ...]}".into()),
+        }
+    }
+
+    fn pre_process(
+        &self,
+        input: &serde_json::Value,
+        _request_id: Option<&str>,
+    ) -> trellis_engine::IoResult<Vec<trellis_engine::IoPrompt>> {
+        let texts = input["texts"].as_array().cloned().unwrap_or_default();
+        Ok(texts
+            .iter()
+            .filter_map(|t| t.as_str())
+            .map(|t| trellis_engine::IoPrompt::Text(t.to_string()))
+            .collect())
+    }
+
+    fn post_process(
+        &self,
+        outputs: &[trellis_engine::IoPoolingOutput],
+        _request_id: Option<&str>,
+    ) -> trellis_engine::IoResult<serde_json::Value> {
+        let q = &outputs[0].data;
+        let scores: Vec<f64> = outputs[1..].iter().map(|o| cosine(q, &o.data)).collect();
+        Ok(serde_json::json!(scores))
+    }
+}
+
+#[test]
+fn encode_plugin_runs_the_io_processor_flow_offline() {
+    let mut llm = minilm();
+    let e = llm
+        .encode_plugin(&serde_json::json!({"texts": ["a"]}))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("No IOProcessor plugin installed"), "{e}");
+    llm.set_io_processor(Some(std::sync::Arc::new(Cosines)));
+    let texts = ["Hello world", "hello", "Pizza is my favourite food."];
+    let out = llm
+        .encode_plugin(&serde_json::json!({ "texts": texts }))
+        .expect("encode_plugin");
+    let embedded = llm.embed(&texts).expect("embed");
+    let want: Vec<f64> = embedded[1..]
+        .iter()
+        .map(|o| cosine(&embedded[0].outputs.data, &o.outputs.data))
+        .collect();
+    assert_eq!(out, serde_json::json!(want));
+    let e = llm
+        .encode_plugin(&serde_json::json!({"texts": [1]}))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("data must be"), "{e}");
+    let e = llm
+        .encode_plugin(&serde_json::json!({"texts": []}))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert_eq!(e, "You must pass at least one prompt");
+    llm.set_io_processor(None);
+}

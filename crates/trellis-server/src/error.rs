@@ -100,6 +100,7 @@ impl From<EngineError> for ApiError {
             EngineError::Tokenizer(t) => ApiError::bad_request(t.to_string(), None),
             EngineError::Config(c) => ApiError::bad_request(c, None),
             EngineError::Rejected(r) => ApiError::bad_request(r, None),
+            EngineError::InvalidPluginData(m) => ApiError::bad_request(m, Some("data")),
             EngineError::InvalidPoolingParams(p) => {
                 ApiError::bad_request(p.to_string(), Some("dimensions"))
             }

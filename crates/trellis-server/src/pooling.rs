@@ -10,9 +10,8 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use trellis_engine::{
-    ChatTemplateOptions, IoPoolingOutput, IoPrompt, PoolingParams, PoolingTask, Prompt,
-};
+use trellis_engine::io_processor::{plugin_output, plugin_prompts};
+use trellis_engine::{ChatTemplateOptions, PoolingParams, PoolingTask, Prompt};
 
 use crate::AppState;
 use crate::chat::convert_messages;
@@ -154,44 +153,14 @@ async fn plugin_request(
         .or(req.request_id)
         .unwrap_or_else(|| util::random_id("").trim_start_matches('-').to_string());
     let request_id = format!("pooling-{suffix}");
-    let data = req.data.unwrap_or(Value::Null);
-    let input = processor
-        .parse_data(&data)
-        .map_err(|e| bad(e.to_string(), Some("data")))?;
-    let prompts: Vec<Prompt> = processor
-        .pre_process(&input, Some(&request_id))
-        .map_err(|e| bad(e.to_string(), Some("data")))?
-        .into_iter()
-        .map(|p| match p {
-            IoPrompt::Text(t) => Prompt::Text(t),
-            IoPrompt::TokenIds(ids) => Prompt::Tokens(ids),
-        })
-        .collect();
-    if prompts.is_empty() {
-        return Err(bad("You must pass at least one prompt", Some("data")));
-    }
-    let merged = processor.merge_pooling_params(None);
-    let params = PoolingParams {
-        task: merged
-            .task
-            .as_deref()
-            .and_then(PoolingTask::parse)
-            .unwrap_or(PoolingTask::Plugin),
-        normalize: req.normalize.or(merged.normalize),
-        dimensions: None,
-    };
+    let (prompts, params) = plugin_prompts(
+        processor.as_ref(),
+        req.data.as_ref(),
+        &request_id,
+        req.normalize,
+    )?;
     let outputs = encode_all(state, &request_id, prompts, &params, priority).await?;
-    let outputs: Vec<IoPoolingOutput> = outputs
-        .into_iter()
-        .map(|o| IoPoolingOutput {
-            request_id: o.request_id,
-            prompt_token_ids: o.prompt_token_ids,
-            data: o.outputs.data,
-        })
-        .collect();
-    let data = processor
-        .post_process(&outputs, Some(&request_id))
-        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let data = plugin_output(processor.as_ref(), outputs, &request_id)?;
     Ok(json!({
         "request_id": request_id,
         "created_at": util::unix_now(),
