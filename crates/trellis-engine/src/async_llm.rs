@@ -32,6 +32,7 @@ use crate::error::EngineError;
 use crate::llm::{LLMEngine, Prompt, ResolvedConfig};
 use crate::metrics::{LogLevel, PrometheusMetrics, StatLoggerManager, log_line};
 use crate::outputs::{CompletionDelta, CompletionOutput, RequestOutput, RequestUpdate};
+use crate::pooling_params::PoolingParams;
 use crate::sampling_params::SamplingParams;
 use crate::tokenizer::Tokenizer;
 
@@ -80,9 +81,37 @@ pub struct GenerateRequest {
     pub priority: i32,
 }
 
+/// A request for [`AsyncLLM::encode_with`]: one prompt to pool.
+#[derive(Debug, Clone)]
+pub struct PoolingRequest {
+    /// Unique id (the server uses `embd-...`).
+    pub request_id: String,
+    /// Text (truncated to `max_model_len` tokens) or token ids.
+    pub prompt: Prompt,
+    /// How to pool.
+    pub params: PoolingParams,
+    /// Lower is served first under the priority policy.
+    pub priority: i32,
+}
+
+/// A request on its way to the engine loop.
+enum Submitted {
+    Generate(GenerateRequest),
+    Pooling(PoolingRequest),
+}
+
+impl Submitted {
+    fn request_id(&self) -> &str {
+        match self {
+            Submitted::Generate(r) => &r.request_id,
+            Submitted::Pooling(r) => &r.request_id,
+        }
+    }
+}
+
 enum Command {
     Add {
-        request: Box<GenerateRequest>,
+        request: Box<Submitted>,
         updates: mpsc::UnboundedSender<RequestUpdate>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
@@ -122,7 +151,7 @@ impl RequestStream {
 
     fn note(&mut self, u: &Option<RequestUpdate>) {
         match u {
-            Some(u) if u.finished.is_some() => self.finished = true,
+            Some(u) if u.finished.is_some() || u.pooling.is_some() => self.finished = true,
             None => self.finished = true,
             _ => {}
         }
@@ -276,7 +305,20 @@ impl AsyncLLM {
         &self,
         request: GenerateRequest,
     ) -> Result<RequestStream, AsyncEngineError> {
-        let request_id = request.request_id.clone();
+        self.submit(Submitted::Generate(request)).await
+    }
+
+    /// Starts a pooling request; its one update carries [`RequestUpdate::pooling`] (or, when
+    /// the step failed, a finished output with the error). Validation errors come back here.
+    pub async fn encode_with(
+        &self,
+        request: PoolingRequest,
+    ) -> Result<RequestStream, AsyncEngineError> {
+        self.submit(Submitted::Pooling(request)).await
+    }
+
+    async fn submit(&self, request: Submitted) -> Result<RequestStream, AsyncEngineError> {
+        let request_id = request.request_id().to_string();
         let (tx, rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
         self.commands
@@ -561,23 +603,33 @@ impl EngineLoop {
 
     fn add(
         &mut self,
-        r: GenerateRequest,
+        r: Submitted,
         updates: mpsc::UnboundedSender<RequestUpdate>,
     ) -> Result<(), EngineError> {
-        if self.streams.contains_key(&r.request_id) {
+        let id = r.request_id().to_string();
+        if self.streams.contains_key(&id) {
             return Err(EngineError::Config(format!(
-                "request id {} is already in use",
-                r.request_id
+                "request id {id} is already in use"
             )));
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
-        let n = r.params.n;
-        self.engine
-            .add_request_with(&r.request_id, r.prompt, r.params, r.priority, now)?;
-        self.streams.insert(r.request_id, Stream { updates, n });
+        let n = match r {
+            Submitted::Generate(r) => {
+                let n = r.params.n;
+                self.engine
+                    .add_request_with(&id, r.prompt, r.params, r.priority, now)?;
+                n
+            }
+            Submitted::Pooling(r) => {
+                self.engine
+                    .add_pooling_request(&id, r.prompt, r.params, r.priority, now)?;
+                1
+            }
+        };
+        self.streams.insert(id, Stream { updates, n });
         Ok(())
     }
 
@@ -630,7 +682,7 @@ impl EngineLoop {
         self.record_stats();
         for u in updates {
             let id = u.request_id.clone();
-            let finished = u.finished.is_some();
+            let finished = u.finished.is_some() || u.pooling.is_some();
             let delivered = self
                 .streams
                 .get(&id)
@@ -696,5 +748,6 @@ fn error_update(request_id: &str, n: usize, message: &str) -> RequestUpdate {
             error: Some(message.to_string()),
             ..Default::default()
         }),
+        pooling: None,
     }
 }

@@ -71,6 +71,77 @@ pub struct EngineConfig {
     /// running batch (`--max-waiting-requests`); a request that would exceed it is refused as
     /// [`crate::EngineError::QueueFull`] (503 in `trellis serve`). `None`: unbounded (offline).
     pub max_waiting_requests: Option<usize>,
+    /// Which runner (`--runner`): generation or pooling; `auto` follows the model.
+    pub runner: RunnerOption,
+    /// Turn the model into another kind (`--convert`): `embed` makes a generative model an
+    /// embedding model (last-token pooling, normalised), as vLLM does.
+    pub convert: ConvertOption,
+    /// The IO processor plugin `LLM::encode_plugin` hands `data` to (vLLM's
+    /// `LLM(io_processor_plugin=...)`); wins over the `io_processor_plugin` key of the model's
+    /// config.json. `trellis serve` takes `--io-processor-plugin`.
+    pub io_processor_plugin: Option<String>,
+}
+
+/// `--runner` (vLLM's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RunnerOption {
+    /// Generation for a model with a language-model head, pooling otherwise.
+    #[default]
+    Auto,
+    /// Generation.
+    Generate,
+    /// Pooling (embeddings).
+    Pooling,
+}
+
+/// `--convert` (vLLM's names; Trellis converts to `embed` only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvertOption {
+    /// As the runner needs: a generative model under `--runner pooling` becomes `embed`.
+    #[default]
+    Auto,
+    /// No conversion.
+    None,
+    /// An embedding model: last-token pooling, normalised.
+    Embed,
+}
+
+/// The runner an engine runs (vLLM's `runner_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunnerType {
+    /// Generation: logits and sampling.
+    Generate,
+    /// Pooling: one pooled vector per request, prefill only.
+    Pooling,
+}
+
+impl RunnerOption {
+    /// Parses `auto`, `generate` or `pooling`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "auto" => Ok(Self::Auto),
+            "generate" => Ok(Self::Generate),
+            "pooling" => Ok(Self::Pooling),
+            other => Err(format!(
+                "unsupported runner '{other}', expected one of: auto, generate, pooling"
+            )),
+        }
+    }
+}
+
+impl ConvertOption {
+    /// Parses `auto`, `none` or `embed`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "auto" => Ok(Self::Auto),
+            "none" => Ok(Self::None),
+            "embed" => Ok(Self::Embed),
+            other => Err(format!(
+                "unsupported convert '{other}', expected one of: auto, none, embed"
+            )),
+        }
+    }
 }
 
 /// The default of [`EngineConfig::max_n`].
@@ -120,6 +191,9 @@ impl EngineConfig {
             disable_log_stats: false,
             max_n: DEFAULT_MAX_N,
             max_waiting_requests: None,
+            runner: RunnerOption::Auto,
+            convert: ConvertOption::Auto,
+            io_processor_plugin: None,
         }
     }
 

@@ -17,6 +17,7 @@ use trellis_sched::{
 
 use crate::error::EngineError;
 use crate::model_runner::{ModelRunner, RunnerRequest};
+use crate::pooling_params::PoolingParams;
 use crate::sampler::{Generator, PositionLogprobs};
 use crate::sampling_params::SamplingParams;
 
@@ -39,6 +40,9 @@ pub struct EngineCoreRequest {
     pub arrival_time: f64,
     /// Seed of the request's generator when `params.seed` is unset.
     pub fallback_seed: u64,
+    /// Set for a pooling request (vLLM's `pooling_params`): prefill only, pooled, never
+    /// sampled; `params` is then unused.
+    pub pooling_params: Option<PoolingParams>,
 }
 
 /// Per-request result of one step.
@@ -60,6 +64,8 @@ pub struct StepOutput {
     pub num_cached_tokens: usize,
     /// The reason of a [`FinishReason::Error`].
     pub error: Option<String>,
+    /// A pooling request's pooled output (it finished in this step).
+    pub pooled: Option<Vec<f32>>,
 }
 
 /// Scheduler plus model runner.
@@ -99,8 +105,16 @@ impl EngineCore {
             )));
         }
         let p = &req.params;
+        let pooling = req.pooling_params.is_some();
+        if pooling != self.runner.pooler().is_some() {
+            return Err(EngineError::Config(match pooling {
+                true => "this model runs the generate runner: it does not pool".into(),
+                false => "this model runs the pooling runner: it does not generate".into(),
+            }));
+        }
         let stop = StopConditions {
-            max_tokens: p.max_tokens,
+            // A pooling request's one "output" is its pooled vector.
+            max_tokens: if pooling { Some(1) } else { p.max_tokens },
             min_tokens: p.min_tokens,
             eos_token_ids: req.eos_token_ids.clone(),
             stop_token_ids: p.stop_token_ids.clone(),
@@ -114,7 +128,7 @@ impl EngineCore {
             priority: req.priority,
             arrival_time: req.arrival_time,
             cache_salt: None,
-            skip_reading_prefix_cache: p.prompt_logprobs.is_some(),
+            skip_reading_prefix_cache: p.prompt_logprobs.is_some() || pooling,
         })?;
         let mut stop_ids = p.stop_token_ids.clone();
         if !p.ignore_eos {
@@ -130,6 +144,7 @@ impl EngineCore {
                 stop_ids,
                 generator: Generator::new(seed),
                 prompt_logprobs_done: 0,
+                pooling: req.pooling_params,
             },
         );
         Ok(())
@@ -169,6 +184,22 @@ impl EngineCore {
         let done = self.scheduler.update_from_output(&plan, &out.sampled);
         let mut results: HashMap<RequestId, StepOutput> = HashMap::new();
         let mut order = Vec::new();
+        // Pooling requests finish in the step that computed their prompt; their KV blocks
+        // are freed now.
+        for (id, data) in out.pooled.drain(..) {
+            self.scheduler.finish_request(&id, FinishReason::Stop);
+            self.runner.remove_request(&id);
+            order.push(id.clone());
+            results.insert(
+                id.clone(),
+                StepOutput {
+                    request_id: id,
+                    finish_reason: Some(FinishReason::Stop),
+                    pooled: Some(data),
+                    ..Default::default()
+                },
+            );
+        }
         for (id, lps) in out.prompt_logprobs.drain() {
             order.push(id.clone());
             results.insert(

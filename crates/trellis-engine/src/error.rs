@@ -8,6 +8,9 @@ pub enum EngineError {
     /// A sampling parameter is invalid.
     #[error(transparent)]
     InvalidParams(#[from] SamplingParamsError),
+    /// A pooling parameter is invalid (`dimensions`).
+    #[error(transparent)]
+    InvalidPoolingParams(#[from] crate::pooling_params::PoolingParamsError),
     /// The scheduler refused the request (empty prompt, context overflow, ...).
     #[error(transparent)]
     Scheduler(#[from] trellis_sched::SchedError),
@@ -47,6 +50,12 @@ pub enum EngineError {
         /// The limit.
         limit: usize,
     },
+    /// An IO processor refused a request's `data` (its own text).
+    #[error("{0}")]
+    InvalidPluginData(String),
+    /// The IO processor plugin could not be selected or built (vLLM's startup texts).
+    #[error("{0}")]
+    IoProcessor(String),
     /// A broken internal expectation (a bug): reported, never a panic.
     #[error("internal error: {0}")]
     Internal(String),

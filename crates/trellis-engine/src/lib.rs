@@ -18,28 +18,40 @@ pub mod config;
 pub mod detokenizer;
 pub mod engine_core;
 pub mod error;
+pub mod io_processor;
 pub mod llm;
 pub mod metrics;
 pub mod model_runner;
 pub mod output_processor;
 pub mod outputs;
 pub mod platform_setup;
+pub mod pooling_params;
 pub mod sampler;
 pub mod sampling_params;
 pub mod tokenizer;
 
-pub use async_llm::{AsyncEngineError, AsyncLLM, EngineStats, GenerateRequest, RequestStream};
+pub use async_llm::{
+    AsyncEngineError, AsyncLLM, EngineStats, GenerateRequest, PoolingRequest, RequestStream,
+};
 pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError, ChatTemplateOptions};
 pub use config::{
-    DEFAULT_MAX_N, DEFAULT_MAX_WAITING_REQUESTS, EngineConfig, KV_CACHE_DTYPES, UsageContext,
-    parse_kv_cache_dtype,
+    ConvertOption, DEFAULT_MAX_N, DEFAULT_MAX_WAITING_REQUESTS, EngineConfig, KV_CACHE_DTYPES,
+    RunnerOption, RunnerType, UsageContext, parse_kv_cache_dtype,
 };
 pub use engine_core::{EngineCore, EngineCoreRequest, StepOutput};
 pub use error::EngineError;
+pub use io_processor::select_io_processor;
 pub use llm::{LLM, LLMEngine, Prompt, ResolvedConfig};
 pub use metrics::{PrometheusMetrics, StatLoggerManager, StatsCollector};
-pub use outputs::{CompletionDelta, CompletionOutput, RequestOutput, RequestUpdate, StopReason};
+pub use outputs::{
+    CompletionDelta, CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestOutput,
+    RequestUpdate, StopReason,
+};
 pub use platform_setup::{builtin_registries, plugin_registries, with_plugins};
+pub use pooling_params::{PoolingParams, PoolingParamsError, PoolingTask};
 pub use sampling_params::{SamplingParams, SamplingParamsError};
 pub use trellis_plugin::Registries;
+pub use trellis_plugin::{
+    IoPoolingOutput, IoPoolingParams, IoProcessor, IoPrompt, IoResult, Pooler, PoolingType,
+};
 pub use trellis_sched::FinishReason;

@@ -1,19 +1,22 @@
 //! `LLMEngine` (engine core + output processor) and the offline `LLM` API.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use trellis_models::WeightFormat;
-use trellis_plugin::{ModelConfig, Registries};
+use trellis_plugin::{IoProcessor, Model, ModelConfig, Pooler, PoolingType, Registries};
 use trellis_sched::{Scheduler, SchedulerConfig};
 
-use crate::config::{EngineConfig, UsageContext};
-use crate::engine_core::{EngineCore, EngineCoreRequest};
+use crate::config::{ConvertOption, EngineConfig, RunnerOption, RunnerType, UsageContext};
+use crate::engine_core::{EngineCore, EngineCoreRequest, StepOutput};
 use crate::error::EngineError;
+use crate::io_processor::{plugin_output, plugin_prompts, select_io_processor};
 use crate::metrics::StatsCollector;
 use crate::model_runner::ModelRunner;
 use crate::output_processor::{OutputProcessor, child_request_id};
-use crate::outputs::{RequestOutput, RequestUpdate};
-use crate::platform_setup::{plugin_registries, setup};
+use crate::outputs::{PoolingOutput, PoolingRequestOutput, RequestOutput, RequestUpdate};
+use crate::platform_setup::{log, plugin_registries, setup};
+use crate::pooling_params::PoolingParams;
 use crate::sampler::Generator;
 use crate::sampling_params::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -60,6 +63,8 @@ pub struct ResolvedConfig {
     pub platform: String,
     /// Device type of that platform (`cpu`, `cuda`, ...).
     pub device_type: String,
+    /// Generation or pooling.
+    pub runner: RunnerType,
 }
 
 /// The engine: tokenizer, engine core and output processor, driven step by step.
@@ -67,6 +72,10 @@ pub struct LLMEngine {
     core: EngineCore,
     processor: OutputProcessor,
     tokenizer: Arc<Tokenizer>,
+    /// The pooling runner's tokenizer: truncates text to `max_model_len` tokens.
+    pooling_tokenizer: Option<Arc<Tokenizer>>,
+    /// Pooling requests in flight and their prompt ids.
+    pooling: HashMap<String, Vec<u32>>,
     config: ResolvedConfig,
     seeds: Generator,
     stats: Option<StatsCollector>,
@@ -156,6 +165,7 @@ impl LLMEngine {
                 setup.platform.device_name()
             )));
         }
+        let runner_type = resolve_runner(&config, loaded.model.as_ref())?;
         let mut sched_cfg = match config.usage {
             UsageContext::Offline => SchedulerConfig::cpu_offline(max_model_len, num_blocks),
             UsageContext::Server => SchedulerConfig::cpu_server(max_model_len, num_blocks),
@@ -169,9 +179,28 @@ impl LLMEngine {
         if let Some(n) = pc.max_num_batched_tokens {
             sched_cfg.max_num_batched_tokens = n;
         }
-        let scheduler = Scheduler::new(sched_cfg.clone())?;
+        // A pooling runner computes each prompt in one step and keeps no KV after it: no
+        // chunked prefill (non-causal attention sees the whole sequence), no prefix cache, a
+        // step budget that holds the longest prompt, and a prompt may fill the whole context
+        // (the scheduler counts the pooled vector as the request's one output token).
+        let mut sched_run = sched_cfg.clone();
+        if runner_type == RunnerType::Pooling {
+            sched_cfg.enable_prefix_caching = false;
+            sched_cfg.enable_chunked_prefill = false;
+            sched_cfg.max_num_batched_tokens = sched_cfg.max_num_batched_tokens.max(max_model_len);
+            sched_run = sched_cfg.clone();
+            sched_run.max_model_len = max_model_len + 1;
+        }
+        let scheduler = Scheduler::new(sched_run)?;
         let backend = setup.attention.backend;
-        let runner = ModelRunner::new(
+        let pooler = match runner_type {
+            RunnerType::Pooling => Some(loaded.model.pooler().unwrap_or(Pooler {
+                pooling_type: PoolingType::Last,
+                normalize: true,
+            })),
+            RunnerType::Generate => None,
+        };
+        let mut runner = ModelRunner::new(
             loaded.model,
             backend.as_ref(),
             num_blocks,
@@ -179,12 +208,26 @@ impl LLMEngine {
             kv_cache_dtype,
             &device,
         )?;
+        if let Some(p) = pooler {
+            log(&format!(
+                "Pooling runner: {} pooling{}",
+                p.pooling_type.as_str(),
+                if p.normalize { ", normalized" } else { "" }
+            ));
+            runner.set_pooler(p);
+        }
+        let pooling_tokenizer = match runner_type {
+            RunnerType::Pooling => Some(Arc::new(tokenizer.truncating(max_model_len)?)),
+            RunnerType::Generate => None,
+        };
         let tokenizer = Arc::new(tokenizer);
         let seeds = Generator::new(config.seed);
         Ok(LLMEngine {
             core: EngineCore::new(scheduler, runner),
             processor: OutputProcessor::new(tokenizer.clone()),
             tokenizer,
+            pooling_tokenizer,
+            pooling: HashMap::new(),
             config: ResolvedConfig {
                 engine: config,
                 scheduler: sched_cfg,
@@ -192,6 +235,7 @@ impl LLMEngine {
                 attention_backend: setup.attention.name,
                 platform: setup.platform.device_name().to_string(),
                 device_type: setup.platform.device_type().to_string(),
+                runner: runner_type,
             },
             seeds,
             stats: None,
@@ -255,14 +299,12 @@ impl LLMEngine {
         &self,
         request_id: &str,
         prompt_ids: &[u32],
-        params: &SamplingParams,
+        n: usize,
+        max_tokens: Option<usize>,
     ) -> Result<(), (&'static str, EngineError)> {
         let engine = &self.config.engine;
-        if params.n > engine.max_n {
-            let message = format!(
-                "n must be at most {} (--max-n), got {}.",
-                engine.max_n, params.n
-            );
+        if n > engine.max_n {
+            let message = format!("n must be at most {} (--max-n), got {}.", engine.max_n, n);
             let e = crate::sampling_params::SamplingParamsError {
                 param: "n",
                 message,
@@ -271,10 +313,10 @@ impl LLMEngine {
         }
         if let Some(limit) = engine.max_waiting_requests {
             let waiting = self.core.scheduler().stats().num_waiting_reqs;
-            if waiting + params.n > limit {
+            if waiting + n > limit {
                 let e = EngineError::QueueFull {
                     waiting,
-                    adding: params.n,
+                    adding: n,
                     limit,
                 };
                 return Err(("queue_full", e));
@@ -284,9 +326,26 @@ impl LLMEngine {
             .validate_request(&trellis_plugin::RequestInfo {
                 request_id,
                 prompt_token_ids: prompt_ids,
-                max_tokens: params.max_tokens,
+                max_tokens,
             })
             .map_err(|e| ("platform", EngineError::Rejected(e.to_string())))
+    }
+
+    /// [`Self::admit`], counting a refusal in the stats.
+    fn admit_or_count(
+        &mut self,
+        request_id: &str,
+        prompt_ids: &[u32],
+        n: usize,
+        max_tokens: Option<usize>,
+    ) -> Result<(), EngineError> {
+        let Err((reason, e)) = self.admit(request_id, prompt_ids, n, max_tokens) else {
+            return Ok(());
+        };
+        if let Some(stats) = self.stats.as_mut() {
+            stats.on_rejected(reason);
+        }
+        Err(e)
     }
 
     /// Adds a request; with `n > 1` its children run as separate requests in the core.
@@ -310,12 +369,7 @@ impl LLMEngine {
     ) -> Result<(), EngineError> {
         params.validate(self.config.model.vocab_size)?;
         let prompt_ids = self.tokenize(&prompt)?;
-        if let Err((reason, e)) = self.admit(request_id, &prompt_ids, &params) {
-            if let Some(stats) = self.stats.as_mut() {
-                stats.on_rejected(reason);
-            }
-            return Err(e);
-        }
+        self.admit_or_count(request_id, &prompt_ids, params.n, params.max_tokens)?;
         let n = params.n;
         for index in 0..n {
             let mut child = params.clone();
@@ -336,6 +390,7 @@ impl LLMEngine {
                 priority,
                 arrival_time,
                 fallback_seed: self.seeds.next_u64(),
+                pooling_params: None,
             });
             if let Err(e) = res {
                 for j in 0..=index {
@@ -357,6 +412,80 @@ impl LLMEngine {
         Ok(())
     }
 
+    /// Tokenizes a pooling prompt: text is cut to `max_model_len` tokens (special tokens
+    /// included, as sentence-transformers does with `max_seq_length`); token ids are used as
+    /// they are.
+    pub fn tokenize_for_pooling(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        match (prompt, &self.pooling_tokenizer) {
+            (Prompt::Text(t), Some(tok)) => Ok(tok.encode(t, true)?),
+            _ => self.tokenize(prompt),
+        }
+    }
+
+    /// Adds a pooling request (vLLM's `LLMEngine.add_request` with `PoolingParams`): its
+    /// prompt is computed in one step, pooled and returned in [`RequestUpdate::pooling`].
+    /// Refused on a generative model, for an empty prompt, ids out of the vocabulary or over
+    /// the context, and for parameters the model does not support.
+    pub fn add_pooling_request(
+        &mut self,
+        request_id: &str,
+        prompt: Prompt,
+        params: PoolingParams,
+        priority: i32,
+        arrival_time: f64,
+    ) -> Result<(), EngineError> {
+        if self.config.runner != RunnerType::Pooling {
+            return Err(EngineError::Config(format!(
+                "the model {} does not support pooling (it runs the generate runner; \
+                 --convert embed makes it an embedding model)",
+                self.config.model.architecture
+            )));
+        }
+        let name = self.served_model_name();
+        params.verify(&name)?;
+        let prompt_ids = self.tokenize_for_pooling(&prompt)?;
+        if prompt_ids.is_empty() {
+            return Err(EngineError::Config("the prompt must not be empty".into()));
+        }
+        let max = self.config.scheduler.max_model_len;
+        if prompt_ids.len() > max {
+            return Err(EngineError::Config(format!(
+                "This model's maximum context length is {max} tokens. However, you requested \
+                 {} tokens in the input for embedding generation. Please reduce the length of \
+                 the input.",
+                prompt_ids.len()
+            )));
+        }
+        if self.pooling.contains_key(request_id) {
+            return Err(EngineError::Config(format!(
+                "request id {request_id} is already in use"
+            )));
+        }
+        // The waiting queue and vLLM's Platform.validate_request, as for generation.
+        self.admit_or_count(request_id, &prompt_ids, 1, Some(1))?;
+        self.core.add_request(EngineCoreRequest {
+            request_id: request_id.to_string(),
+            prompt_token_ids: prompt_ids.clone(),
+            params: SamplingParams::default(),
+            eos_token_ids: Vec::new(),
+            lora_id: 0,
+            priority,
+            arrival_time,
+            fallback_seed: 0,
+            pooling_params: Some(params),
+        })?;
+        self.pooling.insert(request_id.to_string(), prompt_ids);
+        Ok(())
+    }
+
+    /// The served model name (`--served-model-name`, else the model path).
+    fn served_model_name(&self) -> String {
+        let e = &self.config.engine;
+        e.served_model_name
+            .clone()
+            .unwrap_or_else(|| e.model.display().to_string())
+    }
+
     /// Aborts a request and all its children; their KV blocks are freed now.
     pub fn abort(&mut self, request_id: &str) {
         self.abort_with(request_id, trellis_sched::FinishReason::Abort);
@@ -365,6 +494,10 @@ impl LLMEngine {
     /// [`Self::abort`], recorded in the stats with `reason` (`Error` when a failing step
     /// ended it).
     pub fn abort_with(&mut self, request_id: &str, reason: trellis_sched::FinishReason) {
+        if self.pooling.remove(request_id).is_some() {
+            self.core.abort(request_id);
+            return;
+        }
         for child in self.processor.unfinished_children(request_id) {
             self.core.abort(&child);
             if let Some(stats) = self.stats.as_mut() {
@@ -376,7 +509,9 @@ impl LLMEngine {
 
     /// True while any request is unfinished.
     pub fn has_unfinished_requests(&self) -> bool {
-        self.core.has_unfinished_requests() || self.processor.num_requests() > 0
+        self.core.has_unfinished_requests()
+            || self.processor.num_requests() > 0
+            || !self.pooling.is_empty()
     }
 
     /// One engine step; returns what changed for each request.
@@ -388,7 +523,15 @@ impl LLMEngine {
         {
             stats.on_step(plan, &outputs, at);
         }
-        let (updates, stopped) = self.processor.process(outputs);
+        let (pooled, outputs): (Vec<StepOutput>, Vec<StepOutput>) = outputs
+            .into_iter()
+            .partition(|o| self.pooling.contains_key(&o.request_id));
+        let (mut updates, stopped) = self.processor.process(outputs);
+        for o in pooled {
+            if let Some(u) = self.pooling_update(o) {
+                updates.push(u);
+            }
+        }
         for id in stopped {
             self.core
                 .finish_request(&id, trellis_sched::FinishReason::Stop);
@@ -408,10 +551,72 @@ impl LLMEngine {
     }
 }
 
+impl LLMEngine {
+    /// The update of a pooling request that finished (pooled, or failed).
+    fn pooling_update(&mut self, o: StepOutput) -> Option<RequestUpdate> {
+        o.finish_reason?;
+        let prompt_token_ids = self.pooling.remove(&o.request_id)?;
+        let mut u = RequestUpdate {
+            request_id: o.request_id.clone(),
+            ..Default::default()
+        };
+        match o.pooled {
+            Some(data) => {
+                u.pooling = Some(PoolingRequestOutput {
+                    request_id: o.request_id,
+                    prompt_token_ids,
+                    outputs: PoolingOutput { data },
+                    finished: true,
+                })
+            }
+            None => {
+                u.finished = Some(RequestOutput {
+                    request_id: o.request_id,
+                    prompt_token_ids,
+                    finished: true,
+                    error: Some(o.error.unwrap_or_else(|| "the request was aborted".into())),
+                    ..Default::default()
+                })
+            }
+        }
+        Some(u)
+    }
+}
+
+/// Which runner `config` asks for on `model` (vLLM's `--runner` / `--convert` resolution).
+fn resolve_runner(config: &EngineConfig, model: &dyn Model) -> Result<RunnerType, EngineError> {
+    let arch = &model.config().architecture;
+    let pooling = match (config.runner, config.convert) {
+        (RunnerOption::Generate, ConvertOption::Embed) => {
+            return Err(EngineError::Config(
+                "--convert embed needs --runner pooling (or auto)".into(),
+            ));
+        }
+        (RunnerOption::Pooling, _) | (_, ConvertOption::Embed) => true,
+        (RunnerOption::Generate, _) => false,
+        (RunnerOption::Auto, _) => !model.is_generative(),
+    };
+    if !pooling && !model.is_generative() {
+        return Err(EngineError::Config(format!(
+            "{arch} is a pooling model: it does not support `--runner generate`"
+        )));
+    }
+    if pooling && config.convert == ConvertOption::None && model.pooler().is_none() {
+        return Err(EngineError::Config(format!(
+            "{arch} has no pooler: use --convert embed to pool it"
+        )));
+    }
+    Ok(match pooling {
+        true => RunnerType::Pooling,
+        false => RunnerType::Generate,
+    })
+}
+
 /// The offline API: `LLM::new(config)?.generate(prompts, &params)?`.
 pub struct LLM {
     engine: LLMEngine,
     next_id: u64,
+    io_processor: Option<Arc<dyn IoProcessor>>,
 }
 
 impl LLM {
@@ -427,10 +632,42 @@ impl LLM {
         config: EngineConfig,
         registries: &Registries,
     ) -> Result<Self, EngineError> {
+        let engine = LLMEngine::with_registries(config, registries)?;
+        let io_processor = select_io_processor(
+            engine.config().engine.io_processor_plugin.as_deref(),
+            engine.config(),
+        )?
+        .map(|(_, p)| p);
         Ok(LLM {
-            engine: LLMEngine::with_registries(config, registries)?,
+            engine,
             next_id: 0,
+            io_processor,
         })
+    }
+
+    /// Sets (or removes) the IO processor [`Self::encode_plugin`] uses.
+    pub fn set_io_processor(&mut self, processor: Option<Arc<dyn IoProcessor>>) {
+        self.io_processor = processor;
+    }
+
+    /// vLLM's `LLM.encode({"data": ...})` with an IO processor (spec §6.3, offline):
+    /// `parse_data` → `pre_process` → every prompt pooled (one batch) → `post_process`; the
+    /// plugin's output.
+    pub fn encode_plugin(
+        &mut self,
+        data: &serde_json::Value,
+    ) -> Result<serde_json::Value, EngineError> {
+        let processor = self.io_processor.clone().ok_or_else(|| {
+            EngineError::IoProcessor(
+                "No IOProcessor plugin installed: set io_processor_plugin (or the model's \
+                 config.json io_processor_plugin)"
+                    .into(),
+            )
+        })?;
+        let request_id = format!("pooling-{}", self.next_id);
+        let (prompts, params) = plugin_prompts(processor.as_ref(), Some(data), &request_id, None)?;
+        let outputs = self.encode(&prompts, &params)?;
+        plugin_output(processor.as_ref(), outputs, &request_id)
     }
 
     /// The engine underneath.
@@ -446,6 +683,63 @@ impl LLM {
     ) -> Result<Vec<RequestOutput>, EngineError> {
         let params = vec![params.clone(); prompts.len()];
         self.generate_each(prompts, &params, |_, _| {})
+    }
+
+    /// Embeds every prompt (task `embed`, the model's normalisation); outputs come back in
+    /// prompt order (vLLM's `LLM.embed`).
+    pub fn embed<P: Into<Prompt> + Clone>(
+        &mut self,
+        prompts: &[P],
+    ) -> Result<Vec<PoolingRequestOutput>, EngineError> {
+        self.encode(prompts, &PoolingParams::embed())
+    }
+
+    /// Pools every prompt with `params` (vLLM's `LLM.encode`); outputs in prompt order.
+    pub fn encode<P: Into<Prompt> + Clone>(
+        &mut self,
+        prompts: &[P],
+        params: &PoolingParams,
+    ) -> Result<Vec<PoolingRequestOutput>, EngineError> {
+        self.encode_each(prompts, params, |_, _| {})
+    }
+
+    /// [`Self::encode`], calling `progress(done, total)` as requests finish.
+    pub fn encode_each<P: Into<Prompt> + Clone>(
+        &mut self,
+        prompts: &[P],
+        params: &PoolingParams,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<PoolingRequestOutput>, EngineError> {
+        let mut ids: Vec<String> = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            let id = self.next_id.to_string();
+            self.next_id += 1;
+            let added =
+                self.engine
+                    .add_pooling_request(&id, prompt.clone().into(), params.clone(), 0, 0.0);
+            if let Err(e) = added {
+                for added in &ids {
+                    self.engine.abort(added);
+                }
+                return Err(e);
+            }
+            ids.push(id);
+        }
+        let mut done: HashMap<String, PoolingRequestOutput> = HashMap::new();
+        while done.len() < ids.len() {
+            for update in self.engine.step()? {
+                if let Some(out) = update.pooling {
+                    done.insert(out.request_id.clone(), out);
+                    progress(done.len(), ids.len());
+                } else if let Some(err) = update.finished.and_then(|o| o.error) {
+                    for id in &ids {
+                        self.engine.abort(id);
+                    }
+                    return Err(EngineError::Internal(err));
+                }
+            }
+        }
+        Ok(ids.into_iter().filter_map(|id| done.remove(&id)).collect())
     }
 
     /// Generates with per-prompt parameters, calling `progress(done, total)` as requests finish.
@@ -477,8 +771,7 @@ impl LLM {
             }
             ids.push(id);
         }
-        let mut done: std::collections::HashMap<String, RequestOutput> =
-            std::collections::HashMap::new();
+        let mut done: HashMap<String, RequestOutput> = HashMap::new();
         while done.len() < ids.len() {
             for update in self.engine.step()? {
                 if let Some(out) = update.finished {

@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use candle_core::Device;
 use trellis_plugin::{
     AttentionBackend, AttentionImpl, AttentionMetadata, AttentionShape, ForwardContext,
-    KvCacheSpec, Model, SeqAttentionMetadata,
+    KvCacheSpec, Model, Pooler, SeqAttentionMetadata,
 };
 use trellis_sched::{ModelRunnerOutput, RequestId, SchedulerOutput};
 
 use crate::error::EngineError;
+use crate::pooling_params::PoolingParams;
 use crate::sampler::{Generator, PositionLogprobs, SamplingContext, position_logprobs, sample};
 use crate::sampling_params::SamplingParams;
 
@@ -34,6 +35,8 @@ pub struct RunnerRequest {
     /// Prompt positions whose logprobs were already returned (they are not repeated after a
     /// preemption recomputes the prompt).
     pub prompt_logprobs_done: usize,
+    /// Set for a pooling request: pooled once its prompt is computed, never sampled.
+    pub pooling: Option<PoolingParams>,
 }
 
 /// A step's result: sampled tokens for the scheduler, logprobs for the output processor.
@@ -45,6 +48,16 @@ pub struct RunnerOutput {
     pub logprobs: HashMap<RequestId, PositionLogprobs>,
     /// Logprobs of prompt tokens computed this step, for requests that asked.
     pub prompt_logprobs: HashMap<RequestId, Vec<PositionLogprobs>>,
+    /// Pooled outputs of the pooling requests whose prompt was computed this step, in batch
+    /// order.
+    pub pooled: Vec<(RequestId, Vec<f32>)>,
+}
+
+/// The flattened batch of one step.
+struct BatchInputs {
+    input_ids: Vec<u32>,
+    positions: Vec<usize>,
+    metadata: AttentionMetadata,
 }
 
 /// Runs the model on the paged KV cache.
@@ -53,6 +66,8 @@ pub struct ModelRunner {
     attn_layers: Vec<Box<dyn AttentionImpl>>,
     block_size: usize,
     requests: HashMap<RequestId, RunnerRequest>,
+    /// The pooling head of a pooling runner (`None`: the runner generates).
+    pooler: Option<Pooler>,
 }
 
 impl ModelRunner {
@@ -83,8 +98,8 @@ impl ModelRunner {
         let attn_layers = (0..c.num_layers)
             // Guarded: a plugin's model calls these layers, and a panic in them must not
             // unwind through its frames (trellis_plugin::guard).
-            .map(|_| {
-                let layer = backend.new_layer(&spec, shape, device)?;
+            .map(|i| {
+                let layer = backend.new_layer_of_type(&spec, shape, model.attn_type(i), device)?;
                 Ok(trellis_plugin::guard::guard_host_layer(
                     backend.name(),
                     layer,
@@ -96,7 +111,18 @@ impl ModelRunner {
             attn_layers,
             block_size,
             requests: HashMap::new(),
+            pooler: None,
         })
+    }
+
+    /// Makes this a pooling runner with `pooler`: every request is pooled, none sampled.
+    pub fn set_pooler(&mut self, pooler: Pooler) {
+        self.pooler = Some(pooler);
+    }
+
+    /// The pooling head, for a pooling runner.
+    pub fn pooler(&self) -> Option<Pooler> {
+        self.pooler
     }
 
     /// The model.
@@ -119,6 +145,86 @@ impl ModelRunner {
         self.requests.remove(request_id);
     }
 
+    /// The step's tokens, positions and attention metadata, in plan order.
+    fn batch_inputs(&self, plan: &SchedulerOutput) -> BatchInputs {
+        let n = plan.total_num_scheduled_tokens;
+        let mut b = BatchInputs {
+            input_ids: Vec::with_capacity(n),
+            positions: Vec::with_capacity(n),
+            metadata: AttentionMetadata {
+                block_size: self.block_size,
+                slot_mapping: Vec::with_capacity(n),
+                seqs: Vec::with_capacity(plan.scheduled.len()),
+            },
+        };
+        for sr in &plan.scheduled {
+            let start = b.input_ids.len();
+            b.input_ids.extend_from_slice(&sr.token_ids);
+            b.positions.extend_from_slice(&sr.positions);
+            b.metadata.slot_mapping.extend_from_slice(&sr.slot_mapping);
+            b.metadata.seqs.push(SeqAttentionMetadata {
+                query_start: start,
+                query_len: sr.token_ids.len(),
+                context_len: sr.num_computed_tokens + sr.token_ids.len(),
+                block_table: sr.block_table.clone(),
+            });
+        }
+        b
+    }
+
+    /// A pooling step: the hidden states of the batch, then each request whose prompt is
+    /// complete pooled over its own rows (the whole prompt: the scheduler does not chunk
+    /// prefills for a pooling runner). Nothing is sampled.
+    fn execute_pooling(
+        &mut self,
+        plan: &SchedulerOutput,
+        pooler: Pooler,
+        input_ids: &[u32],
+        positions: &[usize],
+        metadata: &AttentionMetadata,
+    ) -> Result<RunnerOutput, EngineError> {
+        let mut ctx = ForwardContext {
+            attn_metadata: metadata,
+            attn_layers: &mut self.attn_layers,
+            logits_indices: &[],
+        };
+        let hidden = self
+            .model
+            .forward_hidden_states(input_ids, positions, &mut ctx)?;
+        let hidden: Vec<f32> = hidden.flatten_all()?.to_vec1()?;
+        let h = self.model.config().hidden_size;
+        if hidden.len() != input_ids.len() * h {
+            return Err(EngineError::Internal(format!(
+                "the model returned {} hidden values for {} tokens of width {h}",
+                hidden.len(),
+                input_ids.len()
+            )));
+        }
+        let mut out = RunnerOutput::default();
+        for (sr, seq) in plan.scheduled.iter().zip(&metadata.seqs) {
+            out.sampled.sampled_token_ids.push(Vec::new());
+            if !sr.samples {
+                continue;
+            }
+            if sr.num_computed_tokens != 0 {
+                return Err(EngineError::Internal(format!(
+                    "pooling request {} was split over steps",
+                    sr.request_id
+                )));
+            }
+            let normalize = self
+                .requests
+                .get(&sr.request_id)
+                .and_then(|r| r.pooling.as_ref())
+                .and_then(|p| p.normalize)
+                .unwrap_or(pooler.normalize);
+            let rows = &hidden[seq.query_start * h..(seq.query_start + seq.query_len) * h];
+            out.pooled
+                .push((sr.request_id.clone(), pooler.pool(rows, h, normalize)));
+        }
+        Ok(out)
+    }
+
     /// Executes one step: a single forward over every scheduled token, then sampling.
     pub fn execute(&mut self, plan: &SchedulerOutput) -> Result<RunnerOutput, EngineError> {
         for id in &plan.finished_req_ids {
@@ -128,29 +234,20 @@ impl ModelRunner {
         if plan.scheduled.is_empty() {
             return Ok(out);
         }
-        let n = plan.total_num_scheduled_tokens;
-        let mut input_ids = Vec::with_capacity(n);
-        let mut positions = Vec::with_capacity(n);
-        let mut metadata = AttentionMetadata {
-            block_size: self.block_size,
-            slot_mapping: Vec::with_capacity(n),
-            seqs: Vec::with_capacity(plan.scheduled.len()),
-        };
+        let BatchInputs {
+            input_ids,
+            positions,
+            metadata,
+        } = self.batch_inputs(plan);
+        if let Some(pooler) = self.pooler {
+            return self.execute_pooling(plan, pooler, &input_ids, &positions, &metadata);
+        }
         // Rows of the logits: per request, the prompt positions whose logprobs are wanted,
         // then (when it samples) its last token.
         let mut logits_indices = Vec::new();
         let mut rows: Vec<(usize, usize, Option<usize>)> = Vec::with_capacity(plan.scheduled.len());
-        for sr in &plan.scheduled {
-            let start = input_ids.len();
-            input_ids.extend_from_slice(&sr.token_ids);
-            positions.extend_from_slice(&sr.positions);
-            metadata.slot_mapping.extend_from_slice(&sr.slot_mapping);
-            metadata.seqs.push(SeqAttentionMetadata {
-                query_start: start,
-                query_len: sr.token_ids.len(),
-                context_len: sr.num_computed_tokens + sr.token_ids.len(),
-                block_table: sr.block_table.clone(),
-            });
+        for (sr, seq) in plan.scheduled.iter().zip(&metadata.seqs) {
+            let start = seq.query_start;
             let state = self.requests.get(&sr.request_id).ok_or_else(|| {
                 EngineError::Internal(format!("no runner state for request {}", sr.request_id))
             })?;

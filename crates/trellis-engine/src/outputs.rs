@@ -88,6 +88,30 @@ pub struct RequestUpdate {
     pub deltas: Vec<CompletionDelta>,
     /// Prompt logprobs, in the first update that has them all.
     pub prompt_logprobs: Option<Vec<Option<PositionLogprobs>>>,
-    /// The full output, set when the request finished.
+    /// The full output, set when the request finished (for a pooling request: only when it
+    /// failed, with the error).
     pub finished: Option<RequestOutput>,
+    /// A pooling request's result (it finishes in the step that computes its prompt).
+    pub pooling: Option<PoolingRequestOutput>,
+}
+
+/// The pooled data of a request (vLLM's `PoolingOutput`).
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct PoolingOutput {
+    /// The pooled vector (an embedding for task `embed`).
+    pub data: Vec<f32>,
+}
+
+/// The result of a pooling request (vLLM's `PoolingRequestOutput`; `EmbeddingRequestOutput`
+/// for task `embed`).
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct PoolingRequestOutput {
+    /// The request id.
+    pub request_id: String,
+    /// The token ids that were pooled (after truncation).
+    pub prompt_token_ids: Vec<u32>,
+    /// The pooled data.
+    pub outputs: PoolingOutput,
+    /// Always true: a pooling request finishes in one step.
+    pub finished: bool,
 }

@@ -10,8 +10,8 @@ use trellis_models::{LoadedModel, load_model_with};
 use trellis_plugin::attention_registry::requested_backend;
 use trellis_plugin::platform::resolve_platform_with;
 use trellis_plugin::{
-    AttentionSelection, AttentionSelectorConfig, NamedPlatform, Platform, PlatformConfig,
-    PluginError, Registries,
+    AttentionSelection, AttentionSelectorConfig, AttentionType, NamedPlatform, Platform,
+    PlatformConfig, PluginError, Registries,
 };
 
 use crate::config::EngineConfig;
@@ -157,6 +157,56 @@ fn check_model_fits(model: &std::path::Path, platform: &dyn Platform) -> Result<
     Ok(())
 }
 
+/// The platform's choice if it computes every attention type the model's layers need (vLLM's
+/// `supports_attn_type`), else — unless the user named the backend — the first registered
+/// backend that does and accepts `selector` (an encoder on the CPU: CPU_REFERENCE).
+fn for_attn_types(
+    chosen: AttentionSelection,
+    loaded: &LoadedModel,
+    selector: &AttentionSelectorConfig,
+    registries: &Registries,
+    pc: &PlatformConfig,
+) -> Result<AttentionSelection, EngineError> {
+    let m = &loaded.model;
+    let mut needed: Vec<AttentionType> =
+        (0..m.config().num_layers).map(|i| m.attn_type(i)).collect();
+    needed.dedup();
+    let supports =
+        |b: &dyn trellis_plugin::AttentionBackend| needed.iter().all(|&t| b.supports_attn_type(t));
+    if supports(chosen.backend.as_ref()) {
+        return Ok(chosen);
+    }
+    let missing = needed
+        .iter()
+        .find(|&&t| !chosen.backend.supports_attn_type(t))
+        .copied()
+        .unwrap_or(AttentionType::Decoder);
+    let refused = format!(
+        "attention backend {} does not support {missing} attention, which {} needs",
+        chosen.name,
+        m.config().architecture
+    );
+    if pc.attention_backend.is_some() {
+        return Err(EngineError::Config(refused));
+    }
+    let registry = &registries.attention_backends;
+    for name in registry.names() {
+        let Ok(backend) = registry.get(&name) else {
+            continue;
+        };
+        if supports(backend.as_ref()) && backend.validate_configuration(selector).is_empty() {
+            return Ok(AttentionSelection {
+                name,
+                backend,
+                reason: refused,
+            });
+        }
+    }
+    Err(EngineError::Config(format!(
+        "{refused}, and no registered backend does"
+    )))
+}
+
 /// Runs start-up: platform, configuration, model, attention backend.
 pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Setup, EngineError> {
     let platform = resolve(registries)?;
@@ -231,6 +281,7 @@ pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Se
         &selector,
         &registries.attention_backends,
     )?;
+    let attention = for_attn_types(attention, &loaded, &selector, registries, &pc)?;
     log(&format!(
         "Using attention backend {} ({})",
         attention.name, attention.reason

@@ -1,10 +1,12 @@
 //! # trellis-models — architectures, shared layers and weight loaders
 //!
-//! Data flow of one step: the engine calls [`Model::forward`](trellis_plugin::Model::forward)
-//! with the flattened batch; the model embeds the tokens, computes the step's rotary tables
-//! once, and runs its decoder layers, each of which projects q/k/v ([`layers::Attention`]) and
-//! hands them to the paged attention backend in the `ForwardContext`; finally the LM head runs
-//! on the rows in `logits_indices` only.
+//! Data flow of one step: the engine calls
+//! [`Model::forward_hidden_states`](trellis_plugin::Model::forward_hidden_states) with the
+//! flattened batch; the model embeds the tokens, computes the step's rotary tables once, and
+//! runs its decoder layers, each of which projects q/k/v ([`layers::Attention`]) and hands them
+//! to the paged attention backend in the `ForwardContext`, then the final norm. The LM head
+//! ([`Model::compute_logits`](trellis_plugin::Model::compute_logits)) runs on the rows that are
+//! sampled only; a pooling model's [`Pooler`](trellis_plugin::Pooler) reads the hidden states.
 //!
 //! Loading: [`load_model`] (or [`load_model_with`] and a [`ModelRegistry`] that plugins added
 //! to) tells a GGUF file from a Hugging Face
@@ -15,6 +17,7 @@
 //!
 //! Every loading failure is a [`ModelError`] naming the file and the problem on one line.
 
+pub mod bert;
 pub mod error;
 pub mod gguf;
 pub mod layers;

@@ -12,7 +12,7 @@ use trellis_plugin::{ForwardContext, Model, ModelConfig};
 use crate::error::{ModelError, Result as LoadResult};
 use crate::layers::{
     AttentionConfig, DecoderLayer, Embedding, Linear, RmsNorm, RopeConfig, RopeScaling,
-    RotaryEmbedding, StepScratch, decoder_forward,
+    RotaryEmbedding, StepScratch, decoder_hidden_states, lm_head_logits,
 };
 use crate::registry::{ModelConfigSource, ModelLoadContext, parse_hf_config};
 use crate::weights::WeightSource;
@@ -166,22 +166,30 @@ impl Model for Qwen2 {
         &self.config
     }
 
-    fn forward(
+    fn forward_hidden_states(
         &self,
         input_ids: &[u32],
         positions: &[usize],
         ctx: &mut ForwardContext<'_>,
     ) -> Result<Tensor> {
-        decoder_forward(
+        decoder_hidden_states(
             &self.scratch,
             &self.embed_tokens,
             &self.layers,
             &self.norm,
-            &self.lm_head,
             &self.rotary,
             input_ids,
             positions,
             ctx,
+        )
+    }
+
+    fn compute_logits(&self, hidden_states: &Tensor) -> Result<Tensor> {
+        lm_head_logits(
+            &self.scratch,
+            &self.lm_head,
+            self.config.vocab_size,
+            hidden_states,
         )
     }
 }

@@ -55,6 +55,7 @@ pub fn register_builtin_models(registry: &mut ModelRegistry) {
     registry.register_model("LlamaForCausalLM", crate::llama::Llama::factory);
     registry.register_model("MistralForCausalLM", crate::llama::Llama::factory);
     registry.register_model("Qwen2ForCausalLM", crate::qwen2::Qwen2::factory);
+    registry.register_model("BertModel", crate::bert::BertModel::factory);
     registry.register_gguf_architecture("llama", "LlamaForCausalLM");
 }
 

@@ -112,6 +112,26 @@ impl std::fmt::Display for AttentionSelectorConfig {
     }
 }
 
+/// The attention a layer computes (vLLM's `AttentionType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttentionType {
+    /// Causal self-attention of a decoder: token `i` sees positions `..=i` of its sequence.
+    Decoder,
+    /// Non-causal self-attention of an encoder-only model (BERT): every token sees every
+    /// token of its sequence. The whole sequence is in one step (no chunked prefill).
+    EncoderOnly,
+}
+
+impl std::fmt::Display for AttentionType {
+    /// vLLM's names: `decoder`, `encoder_only`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttentionType::Decoder => "decoder",
+            AttentionType::EncoderOnly => "encoder_only",
+        })
+    }
+}
+
 /// One layer's attention together with its share of the paged KV cache.
 pub trait AttentionImpl: Send {
     /// Writes `key`/`value` (`[num_tokens, num_kv_heads, head_dim]`) into their slots, then
@@ -186,4 +206,28 @@ pub trait AttentionBackend: Send + Sync {
         shape: AttentionShape,
         device: &Device,
     ) -> Result<Box<dyn AttentionImpl>>;
+
+    /// Whether this backend computes attention of type `attn_type` (vLLM's
+    /// `supports_attn_type`); by default causal decoder attention only.
+    fn supports_attn_type(&self, attn_type: AttentionType) -> bool {
+        attn_type == AttentionType::Decoder
+    }
+
+    /// [`AttentionBackend::new_layer`] for a layer of type `attn_type`; by default decoder
+    /// layers only. Backends that declare [`AttentionType::EncoderOnly`] override it.
+    fn new_layer_of_type(
+        &self,
+        spec: &KvCacheSpec,
+        shape: AttentionShape,
+        attn_type: AttentionType,
+        device: &Device,
+    ) -> Result<Box<dyn AttentionImpl>> {
+        match attn_type {
+            AttentionType::Decoder => self.new_layer(spec, shape, device),
+            other => candle_core::bail!(
+                "attention backend {} does not support {other} attention",
+                self.name()
+            ),
+        }
+    }
 }

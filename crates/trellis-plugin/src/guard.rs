@@ -35,13 +35,18 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{
     AttentionBackend, AttentionImpl, AttentionMetadata, AttentionSelectorConfig, AttentionShape,
-    KvCacheSpec,
+    AttentionType, KvCacheSpec,
 };
 use crate::attention_registry::{AttentionBackendRegistry, AttentionSelection};
 use crate::error::{ModelError, PluginError};
+use crate::io_processor::{
+    IoPoolingOutput, IoPoolingParams, IoProcessor, IoProcessorContext, IoProcessorFactory,
+    IoPrompt, IoResult,
+};
 use crate::model::{ForwardContext, Model, ModelConfig};
 use crate::model_registry::{LazyModelFactory, ModelFactory, ModelLoadContext};
 use crate::platform::{Platform, PlatformConfig, RequestInfo};
+use crate::pooler::Pooler;
 use crate::registrar::Registrar;
 use crate::stats::{
     IterationStats, SchedulerStats, StatLogger, StatLoggerConfig, StatLoggerError,
@@ -186,6 +191,80 @@ impl Registrar for GuardingRegistrar<'_> {
         });
         self.inner.register_stat_logger(name, guarded);
     }
+
+    fn register_io_processor(&mut self, name: &str, factory: IoProcessorFactory) {
+        let owner = self.owner.clone();
+        let guarded: IoProcessorFactory = Arc::new(move |ctx: &IoProcessorContext<'_>| {
+            let inner = owner
+                .call("IoProcessor factory", || factory(ctx))
+                .map_err(|m| -> Box<dyn std::error::Error + Send + Sync> { m.into() })??;
+            let processor: Box<dyn IoProcessor> = Box::new(GuardedIoProcessor {
+                inner,
+                owner: owner.clone(),
+            });
+            Ok(processor)
+        });
+        self.inner.register_io_processor(name, guarded);
+    }
+}
+
+/// A plugin's IO processor: a panic in a method is that request's error (the default
+/// answer for the merge methods).
+struct GuardedIoProcessor {
+    inner: Box<dyn IoProcessor>,
+    owner: Owner,
+}
+
+impl GuardedIoProcessor {
+    fn call<T>(&self, method: &str, f: impl FnOnce() -> IoResult<T>) -> IoResult<T> {
+        self.owner
+            .call(method, f)
+            .map_err(|m| -> Box<dyn std::error::Error + Send + Sync> { m.into() })?
+    }
+}
+
+impl IoProcessor for GuardedIoProcessor {
+    fn parse_data(&self, data: &serde_json::Value) -> IoResult<serde_json::Value> {
+        self.call("IoProcessor::parse_data", || self.inner.parse_data(data))
+    }
+
+    fn merge_pooling_params(&self, params: Option<IoPoolingParams>) -> IoPoolingParams {
+        let fallback = params.clone();
+        self.owner.or_default(
+            "IoProcessor::merge_pooling_params",
+            || self.inner.merge_pooling_params(params),
+            || fallback.unwrap_or_default(),
+        )
+    }
+
+    fn merge_sampling_params(&self, params: Option<serde_json::Value>) -> serde_json::Value {
+        let fallback = params.clone();
+        self.owner.or_default(
+            "IoProcessor::merge_sampling_params",
+            || self.inner.merge_sampling_params(params),
+            || fallback.unwrap_or_default(),
+        )
+    }
+
+    fn pre_process(
+        &self,
+        input: &serde_json::Value,
+        request_id: Option<&str>,
+    ) -> IoResult<Vec<IoPrompt>> {
+        self.call("IoProcessor::pre_process", || {
+            self.inner.pre_process(input, request_id)
+        })
+    }
+
+    fn post_process(
+        &self,
+        outputs: &[IoPoolingOutput],
+        request_id: Option<&str>,
+    ) -> IoResult<serde_json::Value> {
+        self.call("IoProcessor::post_process", || {
+            self.inner.post_process(outputs, request_id)
+        })
+    }
 }
 
 /// Wraps a model factory of the host (`architecture`) that is handed to a plugin
@@ -231,6 +310,19 @@ struct GuardedModel {
     owner: Owner,
 }
 
+impl GuardedModel {
+    /// Calls `f` (the plugin's `method`); a panic becomes the step's error.
+    fn call<T>(
+        &self,
+        method: &str,
+        f: impl FnOnce() -> candle_core::Result<T>,
+    ) -> candle_core::Result<T> {
+        self.owner
+            .call(method, f)
+            .map_err(candle_core::Error::Msg)?
+    }
+}
+
 impl Model for GuardedModel {
     fn config(&self) -> &ModelConfig {
         &self.config
@@ -242,11 +334,47 @@ impl Model for GuardedModel {
         positions: &[usize],
         ctx: &mut ForwardContext<'_>,
     ) -> candle_core::Result<Tensor> {
+        self.call("Model::forward", || {
+            self.inner.forward(input_ids, positions, ctx)
+        })
+    }
+
+    fn forward_hidden_states(
+        &self,
+        input_ids: &[u32],
+        positions: &[usize],
+        ctx: &mut ForwardContext<'_>,
+    ) -> candle_core::Result<Tensor> {
+        self.call("Model::forward_hidden_states", || {
+            self.inner.forward_hidden_states(input_ids, positions, ctx)
+        })
+    }
+
+    fn compute_logits(&self, hidden_states: &Tensor) -> candle_core::Result<Tensor> {
+        self.call("Model::compute_logits", || {
+            self.inner.compute_logits(hidden_states)
+        })
+    }
+
+    fn pooler(&self) -> Option<Pooler> {
         self.owner
-            .call("Model::forward", || {
-                self.inner.forward(input_ids, positions, ctx)
-            })
-            .map_err(candle_core::Error::Msg)?
+            .or_default("Model::pooler", || self.inner.pooler(), || None)
+    }
+
+    fn is_generative(&self) -> bool {
+        self.owner.or_default(
+            "Model::is_generative",
+            || self.inner.is_generative(),
+            || true,
+        )
+    }
+
+    fn attn_type(&self, layer: usize) -> AttentionType {
+        self.owner.or_default(
+            "Model::attn_type",
+            || self.inner.attn_type(layer),
+            || AttentionType::Decoder,
+        )
     }
 }
 
@@ -340,10 +468,28 @@ impl AttentionBackend for GuardedBackend {
         shape: AttentionShape,
         device: &Device,
     ) -> candle_core::Result<Box<dyn AttentionImpl>> {
+        self.new_layer_of_type(spec, shape, AttentionType::Decoder, device)
+    }
+
+    fn supports_attn_type(&self, attn_type: AttentionType) -> bool {
+        self.owner.or_default(
+            "AttentionBackend::supports_attn_type",
+            || self.inner.supports_attn_type(attn_type),
+            || DefaultBackend.supports_attn_type(attn_type),
+        )
+    }
+
+    fn new_layer_of_type(
+        &self,
+        spec: &KvCacheSpec,
+        shape: AttentionShape,
+        attn_type: AttentionType,
+        device: &Device,
+    ) -> candle_core::Result<Box<dyn AttentionImpl>> {
         let layer = self
             .owner
             .call("AttentionBackend::new_layer", || {
-                self.inner.new_layer(spec, shape, device)
+                self.inner.new_layer_of_type(spec, shape, attn_type, device)
             })
             .map_err(candle_core::Error::Msg)??;
         Ok(Box::new(GuardedLayer {

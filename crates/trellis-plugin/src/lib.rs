@@ -7,26 +7,33 @@
 pub mod attention;
 pub mod attention_registry;
 pub mod error;
+pub mod io_processor;
 pub mod model;
 pub mod model_registry;
 pub mod platform;
+pub mod pooler;
 pub mod registries;
 pub mod stats;
 pub mod weights;
 
 pub use attention::{
     AttentionBackend, AttentionImpl, AttentionMetadata, AttentionSelectorConfig, AttentionShape,
-    KvCacheSpec, SeqAttentionMetadata,
+    AttentionType, KvCacheSpec, SeqAttentionMetadata,
 };
 pub use attention_registry::{AttentionBackendRegistry, AttentionSelection};
 pub use error::{ModelError, PluginError};
-pub use model::{ForwardContext, Model, ModelConfig};
+pub use io_processor::{
+    IoPoolingOutput, IoPoolingParams, IoProcessor, IoProcessorContext, IoProcessorFactory,
+    IoPrompt, IoResult,
+};
+pub use model::{ForwardContext, Model, ModelConfig, select_rows};
 pub use model_registry::{
     LazyModelFactory, ModelConfigSource, ModelFactory, ModelLoadContext, ModelRegistry,
 };
 pub use platform::{
     NamedPlatform, Platform, PlatformConfig, RequestInfo, resolve_platform, resolve_platform_with,
 };
+pub use pooler::{Pooler, PoolingType, l2_normalize};
 pub use registries::Registries;
 pub use stats::{
     FinishReason, FinishedRequestStats, IterationStats, PrefixCacheStats, PromptTokenStats,
@@ -51,7 +58,8 @@ pub use fingerprint::{BUILD_FINGERPRINT, set_host_cargo_lock};
 pub use group::PluginGroup;
 pub use loader::{
     AllowList, DiscoveredPlugin, LoadedPlugin, PluginLoadError, PluginOrigin, discover_plugins,
-    load_general_plugins, load_platform_plugins, load_plugins_by_group, load_stat_logger_plugins,
+    load_general_plugins, load_io_processor_plugins, load_platform_plugins, load_plugins_by_group,
+    load_stat_logger_plugins,
 };
 pub use registrar::{RegisterResult, Registrar};
 pub use report::{PluginReport, PluginStatus, plugin_reports};

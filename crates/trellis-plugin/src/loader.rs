@@ -665,6 +665,40 @@ impl Registrar for CountStatLoggers<'_> {
         self.count += 1;
         self.inner.register_stat_logger(name, factory);
     }
+
+    fn register_io_processor(&mut self, name: &str, factory: crate::IoProcessorFactory) {
+        self.inner.register_io_processor(name, factory);
+    }
+}
+
+/// Calls every allowed `io_processor` plugin (vLLM's `get_io_processor`, run when a processor
+/// is requested by name) and returns, per entry that registered an IO processor, the entry's
+/// name and the factory, in discovery order. An entry that fails or registers none is logged
+/// at WARNING and skipped, as vLLM skips an entry point that raises or returns `None`.
+pub fn load_io_processor_plugins()
+-> Result<Vec<(String, crate::IoProcessorFactory)>, PluginLoadError> {
+    let group = load_group(PluginGroup::IoProcessor)?;
+    let mut found = Vec::new();
+    let mut ran = Vec::new();
+    for p in group.loaded {
+        let mut registries = crate::registries::Registries::new();
+        match p.register(&mut registries) {
+            Err(e) => eprintln!("WARNING trellis: {e}; the IO processor plugin is skipped"),
+            Ok(()) => match registries.io_processors.into_iter().next() {
+                Some((_, factory)) => {
+                    ran.push(p.name.clone());
+                    found.push((p.name.clone(), factory));
+                }
+                None => eprintln!(
+                    "WARNING trellis: IO processor plugin '{}' registered no IO processor; \
+                     it is skipped",
+                    p.name
+                ),
+            },
+        }
+    }
+    log_ran(PluginGroup::IoProcessor, &ran, &group.skipped);
+    Ok(found)
 }
 
 /// Opens the library at `path` (built from crate `crate_name`), checks the fingerprint it

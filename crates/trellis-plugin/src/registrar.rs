@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::attention::AttentionBackend;
 use crate::error::PluginError;
+use crate::io_processor::IoProcessorFactory;
 use crate::model_registry::{LazyModelFactory, ModelFactory};
 use crate::stats::StatLoggerFactory;
 
@@ -50,6 +51,11 @@ pub trait Registrar {
     /// from `factory`, before its built-in loggers; a second registration of `name` replaces
     /// the first.
     fn register_stat_logger(&mut self, name: &str, factory: StatLoggerFactory);
+
+    /// Registers an IO processor (group `io_processor`, vLLM's `vllm.io_processor_plugins`
+    /// entry returning its class name): the host builds it from `factory` when the entry that
+    /// registered it is selected (`--io-processor-plugin`). `name` names the processor in logs.
+    fn register_io_processor(&mut self, name: &str, factory: IoProcessorFactory);
 }
 
 /// One registration a general plugin made, kept so that it can be replayed.
@@ -60,6 +66,7 @@ pub(crate) enum Registration {
     GgufArchitecture(String, String),
     AttentionBackend(String, Arc<dyn AttentionBackend>),
     StatLogger(String, StatLoggerFactory),
+    IoProcessor(String, IoProcessorFactory),
 }
 
 impl Registration {
@@ -73,6 +80,7 @@ impl Registration {
                 target.register_attention_backend(n, b.clone())?
             }
             Registration::StatLogger(n, f) => target.register_stat_logger(n, f.clone()),
+            Registration::IoProcessor(n, f) => target.register_io_processor(n, f.clone()),
         }
         Ok(())
     }
@@ -135,6 +143,12 @@ impl Registrar for Recorder<'_> {
             .push(Registration::StatLogger(name.to_string(), factory.clone()));
         self.inner.register_stat_logger(name, factory);
     }
+
+    fn register_io_processor(&mut self, name: &str, factory: IoProcessorFactory) {
+        self.log
+            .push(Registration::IoProcessor(name.to_string(), factory.clone()));
+        self.inner.register_io_processor(name, factory);
+    }
 }
 
 impl Registrar for crate::registries::Registries {
@@ -169,5 +183,12 @@ impl Registrar for crate::registries::Registries {
 
     fn register_stat_logger(&mut self, name: &str, factory: StatLoggerFactory) {
         crate::registries::Registries::register_stat_logger(self, name, factory);
+    }
+
+    fn register_io_processor(&mut self, name: &str, factory: IoProcessorFactory) {
+        match self.io_processors.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = factory,
+            None => self.io_processors.push((name.to_string(), factory)),
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::attention::AttentionBackend;
 use crate::attention_registry::AttentionBackendRegistry;
 use crate::error::{PluginError, Result as ModelResult};
+use crate::io_processor::IoProcessorFactory;
 use crate::model::Model;
 use crate::model_registry::{ModelFactory, ModelLoadContext, ModelRegistry};
 use crate::platform::{NamedPlatform, Platform};
@@ -26,6 +27,8 @@ pub struct Registries {
     pub builtin_platforms: Vec<NamedPlatform>,
     /// Custom stat loggers (group `stat_logger`), with their names, in registration order.
     pub stat_loggers: Vec<(String, StatLoggerFactory)>,
+    /// IO processors (group `io_processor`), with the names they registered under.
+    pub io_processors: Vec<(String, IoProcessorFactory)>,
 }
 
 impl std::fmt::Debug for Registries {

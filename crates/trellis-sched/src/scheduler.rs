@@ -40,6 +40,10 @@ pub struct SchedulerConfig {
     pub num_blocks: usize,
     /// Automatic prefix caching (`--enable-prefix-caching`, on by default).
     pub enable_prefix_caching: bool,
+    /// Whether a prompt may be split over several steps (vLLM's `enable_chunked_prefill`, on
+    /// by default). Off, a waiting request is admitted only when its whole prompt fits the
+    /// step's remaining budget: pooling with non-causal attention needs every token at once.
+    pub enable_chunked_prefill: bool,
     /// Admission order.
     pub policy: SchedulingPolicy,
 }
@@ -54,6 +58,7 @@ impl SchedulerConfig {
             block_size: 16,
             num_blocks,
             enable_prefix_caching: true,
+            enable_chunked_prefill: true,
             policy: SchedulingPolicy::Fcfs,
         }
     }
@@ -83,6 +88,13 @@ impl SchedulerConfig {
         }
         if self.max_model_len < 2 {
             return bad("max_model_len must be at least 2");
+        }
+        // The longest prompt is `max_model_len - 1` tokens (one is left for the output).
+        if !self.enable_chunked_prefill && self.max_num_batched_tokens + 1 < self.max_model_len {
+            return bad(
+                "without chunked prefill, max_num_batched_tokens must hold the longest prompt \
+                 (max_model_len - 1 tokens)",
+            );
         }
         Ok(())
     }
@@ -401,6 +413,9 @@ impl Scheduler {
                     continue;
                 };
                 let (hit_blocks, hit_tokens) = self.kv.get_computed_blocks(req);
+                if !self.config.enable_chunked_prefill && req.num_tokens() - hit_tokens > budget {
+                    break;
+                }
                 let num_new = (req.num_tokens() - hit_tokens).min(budget);
                 if !self.kv.allocate_slots(req, num_new, &hit_blocks) {
                     break;

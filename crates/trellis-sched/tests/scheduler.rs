@@ -519,3 +519,27 @@ fn lookups_after_a_preemption_are_counted_apart() {
     assert!(pc.preempted_requests >= st.num_preemptions);
     assert!(pc.preempted_queries >= 16);
 }
+
+#[test]
+fn without_chunked_prefill_a_prompt_waits_for_a_step_it_fits_whole() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        enable_chunked_prefill: false,
+        max_model_len: 16,
+        ..config(64, 4, 16, 8)
+    })
+    .unwrap();
+    s.add_request(req("a", (0..10).collect(), 1)).unwrap();
+    s.add_request(req("b", (100..110).collect(), 1)).unwrap();
+    let plan = s.schedule();
+    // b does not fit the 6 tokens left: it is not chunked, it waits.
+    assert_eq!(plan.scheduled.len(), 1);
+    assert_eq!(plan.scheduled[0].token_ids.len(), 10);
+    assert!(plan.scheduled[0].samples);
+    // Over the budget of a step without chunking: refused at start-up.
+    let bad = Scheduler::new(SchedulerConfig {
+        enable_chunked_prefill: false,
+        max_model_len: 32,
+        ..config(64, 4, 16, 8)
+    });
+    assert!(bad.is_err());
+}

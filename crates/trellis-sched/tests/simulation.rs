@@ -121,6 +121,7 @@ fn simulate(
         block_size,
         num_blocks,
         enable_prefix_caching: caching,
+        enable_chunked_prefill: true,
         policy: if priority {
             SchedulingPolicy::Priority
         } else {

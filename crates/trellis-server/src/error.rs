@@ -115,6 +115,10 @@ impl From<EngineError> for ApiError {
                 retry_after: Some(1),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             },
+            EngineError::InvalidPluginData(m) => ApiError::bad_request(m, Some("data")),
+            EngineError::InvalidPoolingParams(p) => {
+                ApiError::bad_request(p.to_string(), Some("dimensions"))
+            }
             other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
         }
     }

@@ -15,7 +15,9 @@
 
 pub mod chat;
 pub mod completions;
+pub mod embeddings;
 pub mod error;
+pub mod pooling;
 pub mod protocol;
 mod routes;
 mod util;
@@ -27,7 +29,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use trellis_engine::{AsyncLLM, ChatTemplate, ChatTemplateError};
+use trellis_engine::{AsyncLLM, ChatTemplate, ChatTemplateError, IoProcessor};
 
 pub use error::ApiError;
 
@@ -75,6 +77,8 @@ pub struct AppState {
     pub chat_template: Result<ChatTemplate, ChatTemplateError>,
     /// Server start time (Unix seconds), the `created` of `/v1/models`.
     pub created: u64,
+    /// The IO processor plugin `/pooling` hands `data` requests to (`--io-processor-plugin`).
+    pub io_processor: Option<Arc<dyn IoProcessor>>,
 }
 
 impl AppState {
@@ -83,6 +87,15 @@ impl AppState {
     pub fn new(
         engine: Arc<AsyncLLM>,
         config: ServerConfig,
+    ) -> Result<Arc<Self>, ChatTemplateError> {
+        Self::with_io_processor(engine, config, None)
+    }
+
+    /// [`Self::new`] with the IO processor `/pooling` uses for `data` requests.
+    pub fn with_io_processor(
+        engine: Arc<AsyncLLM>,
+        config: ServerConfig,
+        io_processor: Option<Arc<dyn IoProcessor>>,
     ) -> Result<Arc<Self>, ChatTemplateError> {
         let chat_template =
             ChatTemplate::for_tokenizer(engine.tokenizer(), config.chat_template.as_deref());
@@ -96,6 +109,7 @@ impl AppState {
             config,
             chat_template,
             created: util::unix_now(),
+            io_processor,
         }))
     }
 
@@ -113,6 +127,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let v1 = Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/embeddings", post(embeddings::create))
         .route("/v1/models", get(routes::models))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -120,6 +135,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         .merge(v1)
+        .route("/pooling", post(pooling::create))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
         .route("/health", get(routes::health))

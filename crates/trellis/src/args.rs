@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use trellis_engine::{EngineConfig, SamplingParams};
+use trellis_engine::{ConvertOption, EngineConfig, RunnerOption, SamplingParams};
 
 /// Trellis: an LLM inference and serving engine with vLLM's design and extension system.
 #[derive(Debug, Parser)]
@@ -21,6 +21,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Generate completions offline for prompts given on the command line or in a JSONL file.
     Generate(GenerateArgs),
+    /// Embed texts offline (a pooling model, or `--convert embed`): JSONL out, one line per
+    /// prompt with its token ids and embedding.
+    Embed(EmbedArgs),
     /// Benchmarks (vLLM's `vllm bench`).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -113,6 +116,14 @@ pub struct EngineArgs {
     /// Most completions one request may ask for (`n`); more is refused (400 on the server).
     #[arg(long, default_value_t = trellis_engine::DEFAULT_MAX_N)]
     pub max_n: usize,
+    /// The runner: auto (generation for a model with a language-model head, pooling for an
+    /// encoder such as BERT), generate, or pooling (embeddings).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "generate", "pooling"])]
+    pub runner: String,
+    /// Convert the model: auto, none, or embed (a generative model as an embedding model:
+    /// last-token pooling, normalised).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "none", "embed"])]
+    pub convert: String,
 }
 
 /// Sampling flags (vLLM's `SamplingParams`).
@@ -215,6 +226,10 @@ pub struct ServeArgs {
     /// counts); a request beyond it gets 503 with Retry-After instead of an unbounded queue.
     #[arg(long, default_value_t = trellis_engine::DEFAULT_MAX_WAITING_REQUESTS)]
     pub max_waiting_requests: usize,
+    /// The IO processor plugin (group `io_processor`, by entry name) that `/pooling` hands
+    /// `data` requests to; wins over the `io_processor_plugin` key of the model's config.json.
+    #[arg(long, value_name = "NAME")]
+    pub io_processor_plugin: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -223,15 +238,34 @@ pub struct GenerateArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub prompts: PromptArgs,
+}
+
+/// Where the prompts of `generate` and `embed` come from and where the results go.
+#[derive(Debug, Args)]
+pub struct PromptArgs {
     /// A prompt (repeat the flag for several).
     #[arg(long, required_unless_present = "input", conflicts_with = "input")]
     pub prompt: Vec<String>,
     /// A JSONL file with one {"prompt": "..."} or {"prompt_token_ids": [...]} per line.
     #[arg(long)]
     pub input: Option<PathBuf>,
-    /// Write one JSON line per prompt here instead of printing the texts.
+    /// Write one JSON line per prompt here (generate: instead of printing the texts; embed:
+    /// instead of stdout).
     #[arg(long)]
     pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub prompts: PromptArgs,
+    /// L2-normalise (true/false); default: the model's pooler decides.
+    #[arg(long)]
+    pub normalize: Option<bool>,
 }
 
 #[derive(Debug, Args)]
@@ -336,6 +370,8 @@ impl EngineArgs {
         c.seed = self.seed;
         c.attention_backend = self.attention_backend.clone();
         c.max_n = self.max_n;
+        c.runner = RunnerOption::parse(&self.runner).map_err(anyhow::Error::msg)?;
+        c.convert = ConvertOption::parse(&self.convert).map_err(anyhow::Error::msg)?;
         Ok(c)
     }
 }

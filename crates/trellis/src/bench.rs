@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use trellis_engine::sampler::Generator;
-use trellis_engine::{LLM, LLMEngine, Prompt, SamplingParams};
+use trellis_engine::{LLM, LLMEngine, PoolingParams, Prompt, RunnerType, SamplingParams};
 
 use crate::args::{LatencyArgs, ThroughputArgs};
 use crate::machine::{self, Machine, ModelCost};
@@ -72,6 +72,9 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
     let engine = llm.engine();
     let vocab = engine.config().model.vocab_size;
     let prompts = random_prompts(args.num_prompts, args.input_len, vocab, 0);
+    if engine.config().runner == RunnerType::Pooling {
+        return pooling_throughput(engine, &prompts, &args);
+    }
     let params = fixed_length(args.output_len);
     // What `LLM::generate` does, counting the engine steps (each reads the weights once).
     for (i, p) in prompts.iter().enumerate() {
@@ -122,6 +125,51 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
         println!("{}", machine::ops_line(&machine, &[("all tokens", ops)]));
         result["achieved"] = achieved_json(&machine, &cost, steps_per_s, &[("all_tokens", ops)]);
     }
+    write_json(args.output_json.as_deref(), &result)
+}
+
+/// `bench throughput` on a pooling model (`--runner pooling`, `--convert embed`, or an
+/// encoder): every prompt embedded, all submitted at once; embeddings per second.
+fn pooling_throughput(
+    engine: &mut LLMEngine,
+    prompts: &[Prompt],
+    args: &ThroughputArgs,
+) -> Result<()> {
+    for (i, p) in prompts.iter().enumerate() {
+        engine.add_pooling_request(
+            &format!("tp-{i}"),
+            p.clone(),
+            PoolingParams::embed(),
+            0,
+            0.0,
+        )?;
+    }
+    let start = Instant::now();
+    let (mut done, mut steps, mut tokens) = (0usize, 0usize, 0usize);
+    while engine.has_unfinished_requests() {
+        steps += 1;
+        for out in engine.step()?.into_iter().filter_map(|u| u.pooling) {
+            done += 1;
+            tokens += out.prompt_token_ids.len();
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    println!(
+        "Throughput: {:.2} embeddings/s, {:.2} prompt tokens/s ({} prompts x {} tokens, {steps} steps, {:.2} s)",
+        done as f64 / elapsed,
+        tokens as f64 / elapsed,
+        args.num_prompts,
+        args.input_len,
+        elapsed
+    );
+    let result = serde_json::json!({
+        "runner": "pooling",
+        "elapsed_time": elapsed,
+        "num_steps": steps,
+        "num_requests": done,
+        "requests_per_second": done as f64 / elapsed,
+        "prompt_tokens_per_second": tokens as f64 / elapsed,
+    });
     write_json(args.output_json.as_deref(), &result)
 }
 

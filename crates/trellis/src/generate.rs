@@ -1,6 +1,7 @@
 //! `trellis generate`: offline generation through the same engine the server uses.
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -14,9 +15,10 @@ struct InputLine {
     prompt_token_ids: Option<Vec<u32>>,
 }
 
-fn read_prompts(args: &GenerateArgs) -> Result<Vec<Prompt>> {
-    let Some(path) = &args.input else {
-        return Ok(args.prompt.iter().cloned().map(Prompt::Text).collect());
+/// The `--prompt` flags, or the prompts of the JSONL file `--input`.
+pub fn read_prompts(prompt: &[String], input: Option<&Path>) -> Result<Vec<Prompt>> {
+    let Some(path) = input else {
+        return Ok(prompt.iter().cloned().map(Prompt::Text).collect());
     };
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -60,21 +62,25 @@ fn output_json(out: &RequestOutput) -> serde_json::Value {
     })
 }
 
+/// A progress bar of `n` requests on a terminal (none for one request or without a terminal).
+pub fn progress_bar(n: usize) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() || n <= 1 {
+        return None;
+    }
+    let b = ProgressBar::new(n as u64);
+    b.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} requests [{elapsed_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    Some(b)
+}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
     let config = args.engine.to_config()?;
     let params = args.sampling.to_params()?;
-    let prompts = read_prompts(&args)?;
+    let prompts = read_prompts(&args.prompts.prompt, args.prompts.input.as_deref())?;
     let mut llm = LLM::with_registries(config, &crate::platforms::engine_registries()?)?;
-    let bar = if std::io::stderr().is_terminal() && prompts.len() > 1 {
-        let b = ProgressBar::new(prompts.len() as u64);
-        b.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} requests [{elapsed_precise}]")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        Some(b)
-    } else {
-        None
-    };
+    let bar = progress_bar(prompts.len());
     let all = vec![params; prompts.len()];
     let outputs = llm.generate_each(&prompts, &all, |done, _| {
         if let Some(b) = &bar {
@@ -84,7 +90,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    match &args.output {
+    match &args.prompts.output {
         Some(path) => {
             let mut f = std::fs::File::create(path)
                 .with_context(|| format!("cannot create {}", path.display()))?;

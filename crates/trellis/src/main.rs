@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod bench_serve;
+mod embed;
 mod generate;
 mod machine;
 mod platforms;
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Embed(a) => embed::run(a),
         Command::Serve(a) => serve::run(*a),
         Command::Bench(BenchCommand::Throughput(a)) => bench::throughput(a),
         Command::Bench(BenchCommand::Latency(a)) => bench::latency(a),

@@ -67,7 +67,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
     server.api_key = args.api_key.clone().filter(|k| !k.is_empty());
     server.chat_template = chat_template;
     server.disable_log_requests = args.disable_log_requests;
-    let state = AppState::new(engine, server).context("invalid --chat-template")?;
+    // The IO processor is loaded by the serving front end at startup, as in vLLM.
+    let io_processor =
+        trellis_engine::select_io_processor(args.io_processor_plugin.as_deref(), engine.config())?
+            .map(|(name, p)| {
+                eprintln!("trellis: Using IO processor plugin {name}");
+                p
+            });
+    let state = AppState::with_io_processor(engine, server, io_processor)
+        .context("invalid --chat-template")?;
 
     // One thread for HTTP, as vLLM's API server is one asyncio loop: the cores belong to the
     // compute pool (the engine thread and its workers), and a second busy runtime thread would

@@ -215,6 +215,23 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// A copy whose encodings are cut to `max_len` tokens, special tokens included (what
+    /// sentence-transformers does with `max_seq_length`; the pooling runner's text inputs).
+    pub fn truncating(&self, max_len: usize) -> Result<Self> {
+        let mut t = self.clone();
+        let params = tokenizers::TruncationParams {
+            max_length: max_len,
+            ..Default::default()
+        };
+        t.inner
+            .with_truncation(Some(params))
+            .map_err(|e| TokenizerError::Build {
+                origin: format!("truncation to {max_len} tokens"),
+                message: e.to_string(),
+            })?;
+        Ok(t)
+    }
+
     /// Decodes ids to text; with `skip_special_tokens`, special tokens (control tokens such
     /// as `<|im_end|>`) produce no text.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {

@@ -16,7 +16,19 @@ use trellis_plugin::AttentionShape;
 use crate::error::{ModelError, Result as LoadResult};
 use crate::weights::WeightSource;
 
-pub use step::{StepScratch, decoder_forward};
+pub use step::{StepScratch, decoder_hidden_states, lm_head_logits};
+
+/// Checks that a flattened batch has one position per token id.
+pub fn check_batch(input_ids: &[u32], positions: &[usize]) -> Result<()> {
+    if input_ids.len() != positions.len() {
+        bail!(
+            "{} input ids but {} positions",
+            input_ids.len(),
+            positions.len()
+        );
+    }
+    Ok(())
+}
 
 /// Checks that a loaded tensor has the shape the configuration implies.
 fn check_shape(

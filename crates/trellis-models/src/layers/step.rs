@@ -399,32 +399,21 @@ impl DecoderLayer {
     }
 }
 
-/// The whole forward of a Llama-family decoder: embed, layers, final norm and the LM head on
-/// the rows in `ctx.logits_indices` only; the logits `[rows, vocab]` as f32.
+/// The body of a Llama-family decoder (vLLM's `forward`): embed, layers, final norm; the
+/// hidden states `[num_tokens, hidden]` as f32.
 #[allow(clippy::too_many_arguments)]
-pub fn decoder_forward(
+pub fn decoder_hidden_states(
     scratch: &Mutex<StepScratch>,
     embed: &Embedding,
     layers: &[DecoderLayer],
     norm: &RmsNorm,
-    lm_head: &Linear,
     rotary: &RotaryEmbedding,
     input_ids: &[u32],
     positions: &[usize],
     ctx: &mut ForwardContext<'_>,
 ) -> Result<Tensor> {
-    if input_ids.len() != positions.len() {
-        bail!(
-            "{} input ids but {} positions",
-            input_ids.len(),
-            positions.len()
-        );
-    }
+    super::check_batch(input_ids, positions)?;
     let t = input_ids.len();
-    let rows = ctx.logits_indices;
-    if let Some(bad) = rows.iter().find(|&&r| r >= t) {
-        bail!("logits index {bad} is out of the batch ({t} tokens)");
-    }
     let mut guard = scratch.lock().unwrap_or_else(|e| e.into_inner());
     let s = &mut *guard;
     let rope = rotary.at(positions);
@@ -435,19 +424,30 @@ pub fn decoder_forward(
     for layer in layers {
         layer.forward_step(s, &rope, ctx)?;
     }
-    // The LM head only for the rows that are sampled.
-    s.proj.clear();
-    for &r in rows {
-        s.proj.extend_from_slice(&s.x[r * h..(r + 1) * h]);
-    }
-    norm.forward_into(&s.proj, &mut s.normed);
-    let mut inp = Input::new(&s.normed, h);
+    norm.forward_into(&s.x, &mut s.normed);
+    Tensor::from_slice(&s.normed, (t, h), &candle_core::Device::Cpu)
+}
+
+/// The LM head (vLLM's `compute_logits`) on hidden states `[rows, hidden]`: logits
+/// `[rows, vocab]` as f32.
+pub fn lm_head_logits(
+    scratch: &Mutex<StepScratch>,
+    lm_head: &Linear,
+    vocab: usize,
+    hidden_states: &Tensor,
+) -> Result<Tensor> {
+    let (rows, h) = hidden_states.dims2()?;
     let mut logits = Vec::new();
-    if !rows.is_empty() {
-        linear_into(lm_head, &mut inp, &mut s.acts, &mut logits)?;
+    if rows > 0 {
+        let x = hidden_states
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut guard = scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inp = Input::new(&x, h);
+        linear_into(lm_head, &mut inp, &mut guard.acts, &mut logits)?;
     }
-    let vocab = logits.len() / rows.len().max(1);
-    Tensor::from_vec(logits, (rows.len(), vocab), &candle_core::Device::Cpu)
+    Tensor::from_vec(logits, (rows, vocab), &candle_core::Device::Cpu)
 }
 
 #[cfg(test)]

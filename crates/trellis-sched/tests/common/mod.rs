@@ -16,6 +16,7 @@ pub fn config(
         block_size,
         num_blocks,
         enable_prefix_caching: true,
+        enable_chunked_prefill: true,
         policy: SchedulingPolicy::Fcfs,
     }
 }
