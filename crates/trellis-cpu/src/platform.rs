@@ -273,6 +273,7 @@ mod tests {
             dtype: DType::F32,
             kv_cache_dtype: DType::F32,
             block_size: Some(16),
+            attn_type: trellis_plugin::AttentionType::Decoder,
         };
         let s = p.get_attn_backend(None, &cfg, &reg).map(|s| s.name);
         assert_eq!(s.ok().as_deref(), Some("CPU_ATTN"));
@@ -289,6 +290,27 @@ mod tests {
         assert!(
             p.get_attn_backend(Some("CPU_REFERENCE"), &f16, &reg)
                 .is_err()
+        );
+        // An encoder (non-causal attention): CPU_ATTN is skipped with vLLM's reasons, and
+        // refused with them when named.
+        let encoder = trellis_plugin::AttentionSelectorConfig {
+            attn_type: trellis_plugin::AttentionType::EncoderOnly,
+            ..cfg
+        };
+        let s = p.get_attn_backend(None, &encoder, &reg).map(|s| s.name);
+        assert_eq!(s.ok().as_deref(), Some("CPU_REFERENCE"));
+        let e = p
+            .get_attn_backend(Some("CPU_ATTN"), &encoder, &reg)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("Selected backend CPU_ATTN is not valid for this configuration.")
+                && e.contains(
+                    "'attention type encoder_only not supported', 'non-causal attention not \
+                     supported'"
+                ),
+            "{e}"
         );
     }
 

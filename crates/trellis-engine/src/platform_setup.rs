@@ -267,6 +267,8 @@ pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Se
     }));
     let loaded = load_model_with(&models, &config.model, &device)?;
     let m = loaded.model.config();
+    let non_causal =
+        (0..m.num_layers).any(|i| loaded.model.attn_type(i) == AttentionType::EncoderOnly);
     let selector = AttentionSelectorConfig {
         head_size: m.head_dim,
         num_heads: m.num_heads,
@@ -275,6 +277,10 @@ pub(crate) fn setup(config: &EngineConfig, registries: &Registries) -> Result<Se
         kv_cache_dtype: pc.kv_cache_dtype,
         // Only a block size the user chose constrains the backend (vLLM, spec §3.3).
         block_size: config.block_size_from_user.then_some(pc.block_size),
+        attn_type: match non_causal {
+            true => AttentionType::EncoderOnly,
+            false => AttentionType::Decoder,
+        },
     };
     let attention = platform.get_attn_backend(
         pc.attention_backend.as_deref(),

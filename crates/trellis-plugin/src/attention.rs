@@ -95,6 +95,9 @@ pub struct AttentionSelectorConfig {
     pub kv_cache_dtype: DType,
     /// Tokens per KV block, only when the user chose it (`--block-size`), as in vLLM.
     pub block_size: Option<usize>,
+    /// The attention the model's layers compute: [`AttentionType::EncoderOnly`] when any layer
+    /// is non-causal (BERT), else [`AttentionType::Decoder`].
+    pub attn_type: AttentionType,
 }
 
 impl std::fmt::Display for AttentionSelectorConfig {
@@ -106,8 +109,13 @@ impl std::fmt::Display for AttentionSelectorConfig {
         write!(
             f,
             "AttentionSelectorConfig(head_size={}, num_heads={}, num_kv_heads={}, dtype={:?}, \
-             kv_cache_dtype={:?}, block_size={bs})",
-            self.head_size, self.num_heads, self.num_kv_heads, self.dtype, self.kv_cache_dtype
+             kv_cache_dtype={:?}, block_size={bs}, attn_type={})",
+            self.head_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.dtype,
+            self.kv_cache_dtype,
+            self.attn_type
         )
     }
 }
@@ -174,6 +182,7 @@ pub trait AttentionBackend: Send + Sync {
 
     /// Why this backend cannot serve `config`, with vLLM's reason strings ("head_size not
     /// supported", "dtype not supported", "kv_cache_dtype not supported", "block_size not
+    /// supported", "attention type encoder_only not supported", "non-causal attention not
     /// supported"); empty means it can. Override to add reasons of your own.
     fn validate_configuration(&self, config: &AttentionSelectorConfig) -> Vec<String> {
         let mut reasons = Vec::new();
@@ -194,6 +203,12 @@ pub trait AttentionBackend: Send + Sync {
             let bases = self.supported_block_sizes();
             if bs == 0 || !(bases.is_empty() || bases.iter().any(|&b| b > 0 && bs % b == 0)) {
                 reasons.push("block_size not supported".to_string());
+            }
+        }
+        if !self.supports_attn_type(config.attn_type) {
+            reasons.push(format!("attention type {} not supported", config.attn_type));
+            if config.attn_type == AttentionType::EncoderOnly {
+                reasons.push("non-causal attention not supported".to_string());
             }
         }
         reasons

@@ -49,6 +49,7 @@ fn cfg(head_size: usize) -> AttentionSelectorConfig {
         dtype: DType::F32,
         kv_cache_dtype: DType::F32,
         block_size: Some(16),
+        attn_type: crate::AttentionType::Decoder,
     }
 }
 
