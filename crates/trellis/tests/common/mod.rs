@@ -54,8 +54,8 @@ pub fn trellis(dirs: &[&Path]) -> Command {
 }
 
 /// A plugin directory holding the example `name` (a folder of examples/plugins), built with
-/// `trellis plugins build --debug` once per test process into the workspace's own target
-/// directory, so that the dependencies the tests were built with are reused.
+/// `trellis plugins build --debug` once per test process into `target/plugin-tests`, shared by
+/// every example and every run (see [`build_lock`]).
 pub fn installed(name: &str) -> PathBuf {
     static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
     static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
@@ -84,12 +84,17 @@ pub fn installed(name: &str) -> PathBuf {
     dir
 }
 
-/// The target directory the tests build plugins in (the workspace's own, so that the
-/// dependencies the tests were built with are reused), and a lock on it: one build at a time
-/// across test processes (nextest runs each test in its own), since a build rewrites the
-/// crate's Cargo.lock and the shared artifacts. Held until the returned file is dropped.
+/// The target directory the tests build plugins in (`target/plugin-tests`: the examples'
+/// dependencies are compiled there once and reused by every example and every later run), and
+/// a lock on it: one build at a time across test processes (nextest runs each test in its
+/// own), since a build writes the crate's Cargo.lock and the shared artifacts. Held until the
+/// returned file is dropped.
 pub fn build_lock() -> (PathBuf, std::fs::File) {
-    let target = repo().join("target");
+    // Not the workspace's own target directory: a plugin is its own workspace, so cargo would
+    // track the same example crate built standalone (cdylib) and compiled into the binary
+    // (`--features trellis/example-plugins`) under one fingerprint, and one build would skip
+    // the other's artifacts.
+    let target = repo().join("target/plugin-tests");
     std::fs::create_dir_all(&target).unwrap();
     let lock = std::fs::File::create(target.join("trellis-plugin-tests.lock")).unwrap();
     lock.lock().unwrap();
