@@ -35,13 +35,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 /// every file under `root/d` for each of `dirs` (a file name works too), as `fnv1a64:<hex>`.
 /// Prints `cargo:rerun-if-changed` for each, so call it from a build script.
 pub fn source_hash(root: &Path, dirs: &[&str]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes.iter().chain(std::iter::once(&0u8)) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
+    let mut h = Fnv::default();
     for d in dirs {
         let path = root.join(d);
         println!("cargo:rerun-if-changed={}", path.display());
@@ -51,11 +45,35 @@ pub fn source_hash(root: &Path, dirs: &[&str]) -> String {
         };
         for f in list {
             let rel = f.strip_prefix(root).unwrap_or(&f);
-            eat(rel.to_string_lossy().replace('\\', "/").as_bytes());
-            eat(&std::fs::read(&f).unwrap_or_default());
+            h.eat(rel.to_string_lossy().replace('\\', "/").as_bytes(), 0);
+            h.eat(&std::fs::read(&f).unwrap_or_default(), 0);
         }
     }
-    format!("fnv1a64:{h:016x}")
+    h.finish()
+}
+
+/// FNV-1a, 64 bits: the one hash of this crate's `fnv1a64:<hex>` values.
+pub(crate) struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    /// Hashes `bytes` followed by `terminator` (so that concatenations stay distinct).
+    pub(crate) fn eat(&mut self, bytes: &[u8], terminator: u8) {
+        for &b in bytes.iter().chain(std::iter::once(&terminator)) {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    /// `fnv1a64:<16 hex digits>`.
+    pub(crate) fn finish(&self) -> String {
+        format!("fnv1a64:{:016x}", self.0)
+    }
 }
 
 #[cfg(test)]

@@ -51,14 +51,11 @@ pub fn boundary_crates_hash(cargo_lock: &str) -> Result<String, String> {
 }
 
 fn fnv(lines: &BTreeSet<String>) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = crate::Fnv::default();
     for line in lines {
-        for b in line.bytes().chain(std::iter::once(b'\n')) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        h.eat(line.as_bytes(), b'\n');
     }
-    format!("fnv1a64:{h:016x}")
+    h.finish()
 }
 
 /// `name version source` of every shared crate, sorted.
