@@ -15,6 +15,7 @@
 
 pub mod chat;
 pub mod completions;
+pub mod conn;
 pub mod embeddings;
 pub mod error;
 pub mod pooling;
@@ -31,6 +32,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use trellis_engine::{AsyncLLM, ChatTemplate, ChatTemplateError, IoProcessor};
 
+pub use conn::ConnLimits;
 pub use error::ApiError;
 
 /// Server settings (the HTTP side; the engine has its own `EngineConfig`).
@@ -50,6 +52,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long shutdown waits for requests in flight before aborting them.
     pub shutdown_grace: Duration,
+    /// Connection cap and timeouts (see [`conn`]).
+    pub conn: ConnLimits,
 }
 
 impl ServerConfig {
@@ -63,6 +67,7 @@ impl ServerConfig {
             disable_log_requests: false,
             max_body_bytes: 32 << 20,
             shutdown_grace: Duration::from_secs(30),
+            conn: ConnLimits::default(),
         }
     }
 }
@@ -122,25 +127,35 @@ impl AppState {
     }
 }
 
-/// The routes, with auth on `/v1/*`, the body limit and OpenAI-shaped errors everywhere.
+/// The routes, with auth on `/v1/*`, the body deadline and limit, and OpenAI-shaped errors
+/// everywhere. Auth comes before the body is read, so a client without the key cannot make
+/// the server buffer a body.
 pub fn router(state: Arc<AppState>) -> Router {
+    let body = axum::middleware::from_fn_with_state(
+        (state.config.conn.body_timeout, state.config.max_body_bytes),
+        conn::read_body,
+    );
     let v1 = Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/embeddings", post(embeddings::create))
         .route("/v1/models", get(routes::models))
+        .layer(body.clone())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             routes::auth,
         ));
-    Router::new()
-        .merge(v1)
+    let rest = Router::new()
         .route("/pooling", post(pooling::create))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
         .route("/health", get(routes::health))
         .route("/version", get(routes::version))
         .route("/metrics", get(routes::metrics))
+        .layer(body);
+    Router::new()
+        .merge(v1)
+        .merge(rest)
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
@@ -155,19 +170,23 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grace = state.config.shutdown_grace;
+    let limits = state.config.conn;
     let engine = state.engine.clone();
-    let notify = Arc::new(tokio::sync::Notify::new());
-    let signalled = notify.clone();
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let (stopper, signalled) = (stop.clone(), Arc::new(tokio::sync::Notify::new()));
+    let notify = signalled.clone();
+    tokio::spawn(async move {
         shutdown.await;
-        signalled.notify_one();
+        stopper.notify_one();
+        notify.notify_one();
     });
+    let server = conn::accept_loop(listener, router(state), limits, stop);
     let deadline = async move {
-        notify.notified().await;
+        signalled.notified().await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        r = server => r?,
+        _ = server => {}
         _ = deadline => {
             eprintln!("trellis: requests still running after {}s; aborting them", grace.as_secs());
         }
