@@ -174,6 +174,8 @@ pub struct AsyncLLM {
     prometheus: Option<Arc<PrometheusMetrics>>,
     stat_logger_names: Vec<String>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// False once the engine loop has ended (set before its command channel closes).
+    alive: Arc<std::sync::atomic::AtomicBool>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -194,6 +196,8 @@ impl AsyncLLM {
     ) -> Result<Self, EngineError> {
         let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
         let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let thread_alive = alive.clone();
         let thread = std::thread::Builder::new()
             .name("trellis-engine".into())
             .spawn(move || {
@@ -216,7 +220,7 @@ impl AsyncLLM {
                             }),
                         };
                         if ready_tx.send(Ok(facts)).is_ok() {
-                            EngineLoop::new(engine, stats).run(cmd_rx);
+                            EngineLoop::new(engine, stats).run(cmd_rx, &thread_alive);
                         }
                     }
                     Err(e) => {
@@ -240,6 +244,7 @@ impl AsyncLLM {
             prometheus: facts.prometheus,
             stat_logger_names: facts.stat_logger_names,
             thread: std::sync::Mutex::new(Some(thread)),
+            alive,
             next_id: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -356,7 +361,10 @@ impl AsyncLLM {
     /// True while the engine thread runs.
     pub fn is_alive(&self) -> bool {
         match self.thread.lock() {
-            Ok(t) => t.as_ref().is_some_and(|h| !h.is_finished()),
+            Ok(t) => {
+                self.alive.load(std::sync::atomic::Ordering::SeqCst)
+                    && t.as_ref().is_some_and(|h| !h.is_finished())
+            }
             Err(_) => false,
         }
     }
@@ -529,10 +537,18 @@ impl EngineLoop {
         }
     }
 
-    fn run(mut self, commands: std_mpsc::Receiver<Command>) {
+    /// Runs until shutdown or death; `alive` turns false before the command channel closes,
+    /// so whoever sees a request refused as `EngineDead` also sees [`AsyncLLM::is_alive`] false.
+    fn run(self, commands: std_mpsc::Receiver<Command>, alive: &std::sync::atomic::AtomicBool) {
+        self.run_loop(&commands);
+        alive.store(false, std::sync::atomic::Ordering::SeqCst);
+        drop(commands);
+    }
+
+    fn run_loop(mut self, commands: &std_mpsc::Receiver<Command>) {
         loop {
             if self.streams.is_empty() {
-                match self.wait(&commands) {
+                match self.wait(commands) {
                     Ok(Some(cmd)) => {
                         if !self.handle(cmd) {
                             return self.stop();
