@@ -187,6 +187,7 @@ impl ModelRunner {
             attn_metadata: metadata,
             attn_layers: &mut self.attn_layers,
             logits_indices: &[],
+            lora: None,
         };
         let hidden = self
             .model
@@ -273,6 +274,7 @@ impl ModelRunner {
             attn_metadata: &metadata,
             attn_layers: &mut self.attn_layers,
             logits_indices: &logits_indices,
+            lora: None,
         };
         let logits = self.model.forward(&input_ids, &positions, &mut ctx)?;
         let mut logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;

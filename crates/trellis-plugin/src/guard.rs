@@ -376,6 +376,14 @@ impl Model for GuardedModel {
             || AttentionType::Decoder,
         )
     }
+
+    fn lora_modules(&self) -> Vec<crate::lora::LoraModuleSpec> {
+        self.owner.or_default(
+            "Model::lora_modules",
+            || self.inner.lora_modules(),
+            Vec::new,
+        )
+    }
 }
 
 fn guard_attention_backend(

@@ -157,6 +157,7 @@ impl PagedRunner {
             attn_metadata: &meta,
             attn_layers: &mut self.layers,
             logits_indices: &rows,
+            lora: None,
         };
         let logits = model.forward(&ids, &positions, &mut ctx)?;
         assert_eq!(logits.dims(), [rows.len(), model.config().vocab_size]);
