@@ -9,6 +9,7 @@ pub mod attention_registry;
 pub mod error;
 pub mod io_processor;
 pub mod lora;
+pub mod lora_resolver;
 pub mod model;
 pub mod model_registry;
 pub mod platform;
@@ -29,6 +30,9 @@ pub use io_processor::{
 };
 pub use lora::{
     LoraMapping, LoraModuleSpec, LoraSlotError, LoraSlotPool, LoraTarget, ModuleSlots, NO_LORA_SLOT,
+};
+pub use lora_resolver::{
+    LoraRequest, LoraResolver, LoraResolverRegistry, ResolveFuture, ResolverNotFound,
 };
 pub use model::{ForwardContext, Model, ModelConfig, select_rows};
 pub use model_registry::{
