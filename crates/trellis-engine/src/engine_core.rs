@@ -90,6 +90,11 @@ impl EngineCore {
         &self.scheduler
     }
 
+    /// The LoRA manager of the runner, when LoRA is enabled.
+    pub fn lora_manager_mut(&mut self) -> Option<&mut crate::lora::LoraManager> {
+        self.runner.lora_manager_mut()
+    }
+
     /// The model runner (read-only).
     pub fn runner(&self) -> &ModelRunner {
         &self.runner

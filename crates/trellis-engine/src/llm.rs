@@ -372,6 +372,19 @@ impl LLMEngine {
         self.add_request_with(request_id, prompt, params, 0, 0.0)
     }
 
+    /// Puts an adapter loaded off the engine thread in the CPU cache as `lora_int_id`.
+    pub fn insert_lora(
+        &mut self,
+        lora_int_id: u32,
+        adapter: Arc<trellis_models::LoraAdapter>,
+    ) -> Result<(), EngineError> {
+        let manager = self.core.lora_manager_mut().ok_or_else(|| {
+            EngineError::LoraNotEnabled("LoRA is not enabled (--enable-lora)".into())
+        })?;
+        manager.insert(lora_int_id, adapter);
+        Ok(())
+    }
+
     /// [`Self::add_request_with`] without an adapter.
     pub fn add_request_with(
         &mut self,

@@ -9,6 +9,7 @@ pub mod attention_registry;
 pub mod error;
 pub mod io_processor;
 pub mod lora;
+pub mod lora_fs_resolver;
 pub mod lora_resolver;
 pub mod model;
 pub mod model_registry;

@@ -5,6 +5,7 @@ mod bench;
 mod bench_serve;
 mod embed;
 mod generate;
+mod lora_args;
 mod machine;
 mod platforms;
 mod plugins;
