@@ -25,6 +25,8 @@ use dummy_model as _;
 #[cfg(feature = "example-plugins")]
 use dummy_platform as _;
 #[cfg(feature = "example-plugins")]
+use index_lora_resolver as _;
+#[cfg(feature = "example-plugins")]
 use json_stat_logger as _;
 
 /// Keeps freed heap memory mapped instead of returning it to the kernel: a step allocates
