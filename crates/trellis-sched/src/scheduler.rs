@@ -195,6 +195,8 @@ pub struct Scheduler {
     /// Outputs of requests that finished outside a step (errors), delivered by the next update.
     pending_outputs: Vec<EngineCoreOutput>,
     num_preemptions: u64,
+    /// Most distinct LoRA adapters among running requests (`--max-loras`); `None`: no limit.
+    max_loras: Option<usize>,
 }
 
 impl Scheduler {
@@ -214,7 +216,15 @@ impl Scheduler {
             finished_req_ids: Vec::new(),
             pending_outputs: Vec::new(),
             num_preemptions: 0,
+            max_loras: None,
         })
+    }
+
+    /// Limits the distinct LoRA adapters of the running requests to `max_loras` (vLLM's
+    /// `--max-loras`): a waiting request whose adapter would be one too many waits (see
+    /// [`crate::lora_admission`]).
+    pub fn set_max_loras(&mut self, max_loras: Option<usize>) {
+        self.max_loras = max_loras;
     }
 
     /// The configuration.
@@ -403,8 +413,14 @@ impl Scheduler {
 
         // 2. Waiting requests, unless this step had to preempt.
         if preempted.is_empty() {
+            let mut loras = crate::lora_admission::LoraAdmission::new(
+                self.max_loras,
+                self.running
+                    .iter()
+                    .filter_map(|id| self.requests.get(id).map(|r| r.lora_id)),
+            );
             while budget > 0 && self.running.len() < self.config.max_num_seqs {
-                let Some(pos) = self.next_waiting_index() else {
+                let Some(pos) = self.next_waiting_index(loras.deferred()) else {
                     break;
                 };
                 let id = self.waiting[pos].clone();
@@ -412,6 +428,9 @@ impl Scheduler {
                     self.waiting.remove(pos);
                     continue;
                 };
+                if !loras.admit(&id, req.lora_id) {
+                    continue;
+                }
                 let (hit_blocks, hit_tokens) = self.kv.get_computed_blocks(req);
                 if !self.config.enable_chunked_prefill && req.num_tokens() - hit_tokens > budget {
                     break;
@@ -421,6 +440,7 @@ impl Scheduler {
                     break;
                 }
                 self.waiting.remove(pos);
+                loras.admitted(req.lora_id);
                 let Some(req) = self.requests.get_mut(&id) else {
                     break;
                 };
@@ -540,17 +560,19 @@ impl Scheduler {
         Ok(())
     }
 
-    fn next_waiting_index(&self) -> Option<usize> {
-        if self.waiting.is_empty() {
-            return None;
-        }
+    /// The next waiting request to admit, passing over those in `deferred`.
+    fn next_waiting_index(&self, deferred: &[RequestId]) -> Option<usize> {
+        let first = self.waiting.iter().position(|id| !deferred.contains(id))?;
         match self.config.policy {
-            SchedulingPolicy::Fcfs => Some(0),
+            SchedulingPolicy::Fcfs => Some(first),
             SchedulingPolicy::Priority => {
                 let key =
                     |id: &RequestId| self.requests.get(id).map(|r| (r.priority, r.arrival_time));
-                let mut best = 0;
-                for i in 1..self.waiting.len() {
+                let mut best = first;
+                for i in first + 1..self.waiting.len() {
+                    if deferred.contains(&self.waiting[i]) {
+                        continue;
+                    }
                     let (a, b) = (key(&self.waiting[i]), key(&self.waiting[best]));
                     if let (Some(a), Some(b)) = (a, b)
                         && (a.0 < b.0 || (a.0 == b.0 && a.1 < b.1))

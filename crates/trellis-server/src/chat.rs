@@ -67,7 +67,7 @@ pub async fn create(
 
 async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Response, ApiError> {
     let start = Instant::now();
-    state.check_model(req.common.model.as_deref())?;
+    let lora = state.resolve_model(req.common.model.as_deref()).await?;
     let template = state
         .chat_template
         .as_ref()
@@ -113,6 +113,7 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
             prompt: Prompt::Tokens(ids.clone()),
             params,
             priority: 0,
+            lora,
         })
         .await?;
     let (include_usage, continuous_usage) =

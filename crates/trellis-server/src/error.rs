@@ -39,11 +39,11 @@ impl ApiError {
         }
     }
 
-    /// 404 for a model name that is not served.
-    pub fn model_not_found(name: &str) -> Self {
+    /// 404 for a model name that is not served; `aliases` lists the names that are.
+    pub fn model_not_found(name: &str, aliases: &str) -> Self {
         ApiError {
             status: StatusCode::NOT_FOUND,
-            message: format!("The model `{name}` does not exist."),
+            message: format!("The model `{name}` does not exist. Valid aliases: {aliases}."),
             param: Some("model".into()),
             retry_after: None,
         }

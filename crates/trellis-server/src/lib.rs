@@ -18,6 +18,7 @@ pub mod completions;
 pub mod conn;
 pub mod embeddings;
 pub mod error;
+pub mod lora_routes;
 pub mod pooling;
 pub mod protocol;
 mod routes;
@@ -54,6 +55,13 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Connection cap and timeouts (see [`conn`]).
     pub conn: ConnLimits,
+    /// `VLLM_ALLOW_RUNTIME_LORA_UPDATING`: the load/unload routes exist, and unknown model
+    /// names go to the LoRA resolvers.
+    pub allow_runtime_lora_updating: bool,
+    /// The LoRA resolvers (snapshotted when the state is built).
+    pub lora_resolvers: trellis_engine::LoraResolverRegistry,
+    /// `VLLM_SKIP_MODEL_NAME_VALIDATION`: any `model` is accepted (as the base model).
+    pub skip_model_name_validation: bool,
 }
 
 impl ServerConfig {
@@ -68,6 +76,9 @@ impl ServerConfig {
             max_body_bytes: 32 << 20,
             shutdown_grace: Duration::from_secs(30),
             conn: ConnLimits::default(),
+            allow_runtime_lora_updating: false,
+            lora_resolvers: Default::default(),
+            skip_model_name_validation: false,
         }
     }
 }
@@ -84,6 +95,8 @@ pub struct AppState {
     pub created: u64,
     /// The IO processor plugin `/pooling` hands `data` requests to (`--io-processor-plugin`).
     pub io_processor: Option<Arc<dyn IoProcessor>>,
+    /// The served LoRA adapters.
+    pub lora: lora_routes::LoraModels,
 }
 
 impl AppState {
@@ -110,6 +123,7 @@ impl AppState {
             return Err(e.clone());
         }
         Ok(Arc::new(AppState {
+            lora: lora_routes::LoraModels::new(&config),
             engine,
             config,
             chat_template,
@@ -118,12 +132,25 @@ impl AppState {
         }))
     }
 
-    /// Checks the `model` field of a request.
+    /// Checks the `model` field of a request to an endpoint without LoRA support.
     pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
         match model {
-            Some(m) if m != self.config.served_model_name => Err(ApiError::model_not_found(m)),
+            Some(m) if m != self.config.served_model_name => {
+                Err(ApiError::model_not_found(m, &self.config.served_model_name))
+            }
             _ => Ok(()),
         }
+    }
+
+    /// The LoRA adapter a generation request's `model` selects (`None`: the base model), or
+    /// the 404 (spec §5.3).
+    pub async fn resolve_model(
+        &self,
+        model: Option<&str>,
+    ) -> Result<Option<trellis_engine::LoraRequest>, ApiError> {
+        self.lora
+            .resolve(&self.engine, model, self.config.skip_model_name_validation)
+            .await
     }
 }
 
@@ -139,7 +166,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/embeddings", post(embeddings::create))
-        .route("/v1/models", get(routes::models))
+        .route("/v1/models", get(routes::models));
+    let v1 = match state.lora.runtime_updating() {
+        true => v1
+            .route("/v1/load_lora_adapter", post(lora_routes::load))
+            .route("/v1/unload_lora_adapter", post(lora_routes::unload)),
+        false => v1,
+    };
+    let v1 = v1
         .layer(body.clone())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

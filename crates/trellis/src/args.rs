@@ -124,6 +124,8 @@ pub struct EngineArgs {
     /// last-token pooling, normalised).
     #[arg(long, default_value = "auto", value_parser = ["auto", "none", "embed"])]
     pub convert: String,
+    #[command(flatten)]
+    pub lora: crate::lora_args::LoraArgs,
 }
 
 /// Sampling flags (vLLM's `SamplingParams`).
@@ -383,6 +385,7 @@ impl EngineArgs {
         c.max_n = self.max_n;
         c.runner = RunnerOption::parse(&self.runner).map_err(anyhow::Error::msg)?;
         c.convert = ConvertOption::parse(&self.convert).map_err(anyhow::Error::msg)?;
+        c.lora = self.lora.to_config()?;
         Ok(c)
     }
 }

@@ -55,6 +55,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     config.disable_log_stats = args.disable_log_stats;
     config.max_waiting_requests = Some(args.max_waiting_requests);
     let mut registries = crate::platforms::engine_registries()?;
+    let lora_resolvers = crate::lora_args::resolvers(&registries.lora_resolvers)?;
     // Stat-logger plugins are loaded by the serving engine only, as in vLLM.
     trellis_plugin::load_stat_logger_plugins(&mut registries)?;
     let engine = match AsyncLLM::with_registries(config, registries) {
@@ -68,6 +69,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     server.chat_template = chat_template;
     server.disable_log_requests = args.disable_log_requests;
     server.conn = connection_limits(&args)?;
+    server.allow_runtime_lora_updating = crate::lora_args::runtime_lora_updating();
+    server.lora_resolvers = lora_resolvers;
+    server.skip_model_name_validation = std::env::var("VLLM_SKIP_MODEL_NAME_VALIDATION")
+        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true"));
     // The IO processor is loaded by the serving front end at startup, as in vLLM.
     let io_processor =
         trellis_engine::select_io_processor(args.io_processor_plugin.as_deref(), engine.config())?
@@ -87,6 +92,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let modules = &args.engine.lora.lora_modules;
+        state
+            .lora
+            .load_static(&state.engine, modules)
+            .await
+            .map_err(anyhow::Error::msg)?;
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;

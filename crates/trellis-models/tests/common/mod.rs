@@ -46,6 +46,8 @@ pub struct PagedRunner {
     pub layers: Vec<Box<dyn AttentionImpl>>,
     pub block_size: usize,
     free: Vec<u32>,
+    /// Adapter slots; when set, every token row runs with slot `lora_slot`.
+    pub lora: Option<(trellis_plugin::LoraSlotPool, u32)>,
 }
 
 impl PagedRunner {
@@ -102,6 +104,7 @@ impl PagedRunner {
             layers,
             block_size,
             free,
+            lora: None,
         })
     }
 
@@ -153,10 +156,19 @@ impl PagedRunner {
             rows.extend(wanted);
             seq.len = end;
         }
+        let slots = vec![self.lora.as_ref().map_or(0, |l| l.1); ids.len()];
+        let lora = self
+            .lora
+            .as_ref()
+            .map(|(pool, _)| trellis_plugin::LoraMapping {
+                pool,
+                token_slots: &slots,
+            });
         let mut ctx = ForwardContext {
             attn_metadata: &meta,
             attn_layers: &mut self.layers,
             logits_indices: &rows,
+            lora,
         };
         let logits = model.forward(&ids, &positions, &mut ctx)?;
         assert_eq!(logits.dims(), [rows.len(), model.config().vocab_size]);
