@@ -18,6 +18,7 @@ use crate::error::EngineError;
 use crate::pooling_params::PoolingParams;
 use crate::sampler::{Generator, PositionLogprobs, SamplingContext, position_logprobs, sample};
 use crate::sampling_params::SamplingParams;
+use crate::structured_output::GrammarMatcher;
 
 /// What the runner keeps per request between steps.
 #[derive(Debug, Clone)]
@@ -37,6 +38,8 @@ pub struct RunnerRequest {
     pub prompt_logprobs_done: usize,
     /// Set for a pooling request: pooled once its prompt is computed, never sampled.
     pub pooling: Option<PoolingParams>,
+    /// Set for a constrained request (`structured_outputs`): its grammar state.
+    pub grammar: Option<GrammarMatcher>,
 }
 
 /// A step's result: sampled tokens for the scheduler, logprobs for the output processor.
@@ -51,6 +54,8 @@ pub struct RunnerOutput {
     /// Pooled outputs of the pooling requests whose prompt was computed this step, in batch
     /// order.
     pub pooled: Vec<(RequestId, Vec<f32>)>,
+    /// Constrained requests whose grammar failed this step (nothing was sampled for them).
+    pub grammar_errors: Vec<(RequestId, String)>,
 }
 
 /// The flattened batch of one step.
@@ -58,6 +63,23 @@ struct BatchInputs {
     input_ids: Vec<u32>,
     positions: Vec<usize>,
     metadata: AttentionMetadata,
+}
+
+/// The next-token masks of the constrained requests `ids`; the ones whose grammar failed, with
+/// the reason.
+fn compute_masks(
+    requests: &mut HashMap<RequestId, RunnerRequest>,
+    ids: &[&RequestId],
+) -> Vec<(RequestId, String)> {
+    let mut errors = Vec::new();
+    for &id in ids {
+        if let Some(g) = requests.get_mut(id).and_then(|r| r.grammar.as_mut())
+            && let Err(e) = g.compute_mask()
+        {
+            errors.push((id.clone(), e));
+        }
+    }
+    errors
 }
 
 /// Runs the model on the paged KV cache.
@@ -269,12 +291,51 @@ impl ModelRunner {
             };
             rows.push((first_prompt_row, num_prompt_rows, sample_row));
         }
-        let mut ctx = ForwardContext {
-            attn_metadata: &metadata,
-            attn_layers: &mut self.attn_layers,
-            logits_indices: &logits_indices,
+        // Constrained requests that sample this step: their masks are computed on another
+        // thread while the model runs (none of this happens for unconstrained batches).
+        let constrained: Vec<&RequestId> = plan
+            .scheduled
+            .iter()
+            .filter(|sr| sr.samples)
+            .filter(|sr| {
+                self.requests
+                    .get(&sr.request_id)
+                    .is_some_and(|r| r.grammar.is_some())
+            })
+            .map(|sr| &sr.request_id)
+            .collect();
+        let Self {
+            model,
+            attn_layers,
+            requests,
+            ..
+        } = self;
+        let mut forward = || {
+            let mut ctx = ForwardContext {
+                attn_metadata: &metadata,
+                attn_layers,
+                logits_indices: &logits_indices,
+            };
+            model.forward(&input_ids, &positions, &mut ctx)
         };
-        let logits = self.model.forward(&input_ids, &positions, &mut ctx)?;
+        let (logits, grammar_errors) = if constrained.is_empty() {
+            (forward(), Vec::new())
+        } else {
+            std::thread::scope(|s| {
+                let masks = s.spawn(|| compute_masks(requests, &constrained));
+                let logits = forward();
+                let errors = masks.join().unwrap_or_else(|_| {
+                    let e = "computing the grammar mask panicked".to_string();
+                    constrained
+                        .iter()
+                        .map(|&id| (id.clone(), e.clone()))
+                        .collect()
+                });
+                (logits, errors)
+            })
+        };
+        let logits = logits?;
+        out.grammar_errors = grammar_errors;
         let mut logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         let vocab = self.model.config().vocab_size;
         if logits.len() != logits_indices.len() * vocab {
@@ -304,6 +365,14 @@ impl ModelRunner {
                 continue;
             };
             let row = &mut logits[r * vocab..(r + 1) * vocab];
+            if let Some(g) = &state.grammar {
+                if !g.has_mask() {
+                    // Its grammar failed (listed in `grammar_errors`): nothing is sampled.
+                    out.sampled.sampled_token_ids.push(Vec::new());
+                    continue;
+                }
+                g.apply_mask(row);
+            }
             let raw_logprobs_k = state.params.logprobs;
             let raw = raw_logprobs_k.map(|_| row.to_vec());
             let ctx = SamplingContext {
@@ -312,10 +381,25 @@ impl ModelRunner {
                 output_ids: &state.output_ids,
                 stop_ids: &state.stop_ids,
             };
-            let token = sample(row, &ctx, &mut state.generator);
+            let mut token = sample(row, &ctx, &mut state.generator);
+            if let Some(g) = state.grammar.as_mut() {
+                // Penalties or `min_tokens` may leave no allowed token with a finite logit:
+                // the grammar has the last word.
+                if !g.is_allowed(token) {
+                    token = g.first_allowed().unwrap_or(token);
+                }
+                if let Err(e) = g.accept(token) {
+                    out.grammar_errors.push((sr.request_id.clone(), e));
+                    out.sampled.sampled_token_ids.push(Vec::new());
+                    continue;
+                }
+            }
             if let (Some(k), Some(raw)) = (raw_logprobs_k, raw) {
-                out.logprobs
-                    .insert(sr.request_id.clone(), position_logprobs(&raw, token, k));
+                let mut lp = position_logprobs(&raw, token, k);
+                if state.grammar.is_some() {
+                    crate::structured_output::clamp_masked_logprobs(&mut lp);
+                }
+                out.logprobs.insert(sr.request_id.clone(), lp);
             }
             state.output_ids.push(token);
             out.sampled.sampled_token_ids.push(vec![token]);

@@ -101,6 +101,8 @@ pub struct CommonParams {
     /// Keep a matched stop string (vLLM).
     #[serde(default)]
     pub include_stop_str_in_output: bool,
+    /// Constrain the output: JSON schema, regex, choice or grammar (vLLM's extra field).
+    pub structured_outputs: Option<Box<trellis_engine::StructuredOutputsParams>>,
 }
 
 /// `POST /v1/completions`.

@@ -412,6 +412,7 @@ impl SamplingArgs {
             skip_special_tokens: !self.no_skip_special_tokens,
             include_stop_str_in_output: self.include_stop_str_in_output,
             logit_bias,
+            structured_outputs: None,
         })
     }
 }
