@@ -20,6 +20,8 @@ pub mod error;
 pub mod pooling;
 pub mod protocol;
 mod routes;
+pub mod structured;
+pub mod tool_calls;
 mod util;
 
 use std::future::Future;
@@ -50,6 +52,10 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long shutdown waits for requests in flight before aborting them.
     pub shutdown_grace: Duration,
+    /// `tool_choice: "auto"` is allowed (`--enable-auto-tool-choice`).
+    pub enable_auto_tool_choice: bool,
+    /// The parser of the model's tool calls under `auto` (`--tool-call-parser`: `hermes`).
+    pub tool_call_parser: Option<String>,
 }
 
 impl ServerConfig {
@@ -63,6 +69,8 @@ impl ServerConfig {
             disable_log_requests: false,
             max_body_bytes: 32 << 20,
             shutdown_grace: Duration::from_secs(30),
+            enable_auto_tool_choice: false,
+            tool_call_parser: None,
         }
     }
 }

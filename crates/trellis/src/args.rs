@@ -230,6 +230,12 @@ pub struct ServeArgs {
     /// `data` requests to; wins over the `io_processor_plugin` key of the model's config.json.
     #[arg(long, value_name = "NAME")]
     pub io_processor_plugin: Option<String>,
+    /// Allow `tool_choice: "auto"`: the model's tool calls are parsed with --tool-call-parser.
+    #[arg(long, requires = "tool_call_parser")]
+    pub enable_auto_tool_choice: bool,
+    /// How the model writes tool calls (`hermes`: `<tool_call>{...}</tool_call>`).
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(trellis_server::tool_calls::TOOL_CALL_PARSERS))]
+    pub tool_call_parser: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -67,6 +67,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     server.api_key = args.api_key.clone().filter(|k| !k.is_empty());
     server.chat_template = chat_template;
     server.disable_log_requests = args.disable_log_requests;
+    server.enable_auto_tool_choice = args.enable_auto_tool_choice;
+    server.tool_call_parser = args.tool_call_parser.clone();
     // The IO processor is loaded by the serving front end at startup, as in vLLM.
     let io_processor =
         trellis_engine::select_io_processor(args.io_processor_plugin.as_deref(), engine.config())?

@@ -60,6 +60,12 @@ pub struct StructuredOutputsParams {
     pub disable_fallback: bool,
 }
 
+/// The whitespace allowed between two JSON tokens by default: one space, or a newline and an
+/// indentation of at most 20 spaces or tabs (llama.cpp's rule for JSON-schema grammars).
+/// Unbounded whitespace (llguidance's own default) lets a small model loop on blank lines
+/// until `max_tokens`; pretty-printed JSON still fits.
+pub const DEFAULT_WHITESPACE: &str = r"(?: |\n[ \t]{0,20})";
+
 /// The parameter name errors are reported under.
 pub const PARAM: &str = "structured_outputs";
 
@@ -217,13 +223,14 @@ impl StructuredOutputsParams {
         let mut options = serde_json::Map::new();
         if self.disable_any_whitespace {
             options.insert("whitespace_flexible".into(), Value::Bool(false));
+        } else {
+            let pattern = self
+                .whitespace_pattern
+                .as_deref()
+                .unwrap_or(DEFAULT_WHITESPACE);
+            options.insert("whitespace_pattern".into(), Value::String(pattern.into()));
         }
-        if let Some(p) = &self.whitespace_pattern {
-            options.insert("whitespace_pattern".into(), Value::String(p.clone()));
-        }
-        if !options.is_empty() {
-            obj.insert("x-guidance".into(), Value::Object(options));
-        }
+        obj.insert("x-guidance".into(), Value::Object(options));
         Ok(Value::Object(obj))
     }
 }
@@ -278,10 +285,17 @@ mod tests {
 
     #[test]
     fn schema_forms() {
+        let ws = json!({"whitespace_pattern": DEFAULT_WHITESPACE});
         let any = StructuredOutputsParams::json_schema(json!(true));
-        assert_eq!(any.schema().unwrap(), json!({"type": "object"}));
+        assert_eq!(
+            any.schema().unwrap(),
+            json!({"type": "object", "x-guidance": ws})
+        );
         let text = StructuredOutputsParams::json_schema(json!("{\"type\": \"integer\"}"));
-        assert_eq!(text.schema().unwrap(), json!({"type": "integer"}));
+        assert_eq!(
+            text.schema().unwrap(),
+            json!({"type": "integer", "x-guidance": ws})
+        );
         let bad = StructuredOutputsParams::json_schema(json!("{not json"));
         assert!(
             bad.validate()
