@@ -84,6 +84,7 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
     let tools = ToolPlan::new(
         req.tools.as_deref(),
         req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
         &state.config,
         template,
     )?;

@@ -181,7 +181,7 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Vec<crate::tool_calls::ChatTool>>,
     /// `none`, `auto`, `required` or a named function.
     pub tool_choice: Option<crate::tool_calls::ToolChoice>,
-    /// Accepted; `required` may return several calls either way.
+    /// `false`: `tool_choice: "required"` makes exactly one call.
     pub parallel_tool_calls: Option<bool>,
     /// The shared fields.
     #[serde(flatten)]

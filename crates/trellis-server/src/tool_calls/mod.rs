@@ -144,6 +144,8 @@ pub struct ToolPlan {
     /// The mode.
     pub mode: ToolMode,
     tools: Vec<ChatTool>,
+    /// `parallel_tool_calls: false`: `required` makes exactly one call.
+    single_call: bool,
 }
 
 fn bad(message: impl Into<String>, param: &str) -> ApiError {
@@ -156,6 +158,7 @@ impl ToolPlan {
     pub fn new(
         tools: Option<&[ChatTool]>,
         choice: Option<&ToolChoice>,
+        parallel_tool_calls: Option<bool>,
         config: &ServerConfig,
         template: &ChatTemplate,
     ) -> Result<Self, ApiError> {
@@ -232,12 +235,17 @@ impl ToolPlan {
                 "tools",
             ));
         }
-        Ok(ToolPlan { mode, tools })
+        Ok(ToolPlan {
+            mode,
+            tools,
+            single_call: parallel_tool_calls == Some(false),
+        })
     }
 
-    /// The `tools` template variable (none when tools are off).
+    /// The `tools` template variable: the request's tools, even under `tool_choice: "none"`
+    /// (as vLLM), so that a conversation with earlier calls renders the same way.
     pub fn template_tools(&self) -> Option<Value> {
-        (self.mode != ToolMode::None).then(|| json!(self.tools))
+        (!self.tools.is_empty()).then(|| json!(self.tools))
     }
 
     fn parameters(&self, name: &str) -> Value {
@@ -268,7 +276,12 @@ impl ToolPlan {
                         })
                     })
                     .collect();
-                json!({"type": "array", "minItems": 1, "items": {"anyOf": alternatives}})
+                let mut schema =
+                    json!({"type": "array", "minItems": 1, "items": {"anyOf": alternatives}});
+                if self.single_call {
+                    schema["maxItems"] = json!(1);
+                }
+                schema
             }
             ToolMode::None | ToolMode::Auto => return None,
         };
@@ -331,4 +344,55 @@ pub fn template_tool_calls(calls: &[Value]) -> Value {
         }
     }
     Value::Array(calls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_engine::{ChatMessage, ChatTemplateOptions};
+
+    const HERMES_TEMPLATE: &str =
+        include_str!("../../../../examples/tool_chat_template_hermes.jinja");
+
+    #[test]
+    fn the_hermes_template_renders_tools_calls_and_results() {
+        let t = ChatTemplate::new(HERMES_TEMPLATE, "", "<|im_end|>").expect("compiles");
+        assert!(t.reads_variable("tools"));
+        let plain = ChatTemplate::new("{{ messages[0].content }}", "", "").expect("compiles");
+        assert!(!plain.reads_variable("tools"));
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls = Some(template_tool_calls(&[json!({
+            "id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}
+        })]));
+        let mut result = ChatMessage::new("tool", "{\"temperature\": 21}");
+        result.tool_call_id = Some("c1".into());
+        let messages = [ChatMessage::new("user", "Weather in Paris?"), call, result];
+        let tools = json!([{"type": "function", "function": {"name": "get_weather"}}]);
+        let options = ChatTemplateOptions {
+            add_generation_prompt: true,
+            extra: [("tools".to_string(), tools)].into_iter().collect(),
+        };
+        let s = t.render(&messages, &options).expect("renders");
+        assert!(
+            s.contains("<tools>\n{\"function\":{\"name\":\"get_weather\"}"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\":\"Paris\"}}\n</tool_call><|im_end|>"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("<|im_start|>tool\n<tool_response>\n{\"temperature\": 21}\n</tool_response><|im_end|>\n"), "{s}");
+        assert!(s.ends_with("<|im_start|>assistant\n"), "{s}");
+        // Without tools: SmolLM2's default system turn.
+        let s = t
+            .render(&messages[..1], &ChatTemplateOptions::default())
+            .expect("renders");
+        assert!(
+            s.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
+            "{s}"
+        );
+    }
 }
