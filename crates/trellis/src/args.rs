@@ -129,6 +129,9 @@ pub struct EngineArgs {
 /// Sampling flags (vLLM's `SamplingParams`).
 #[derive(Debug, Clone, Args)]
 pub struct SamplingArgs {
+    /// Structured outputs.
+    #[command(flatten)]
+    pub constraint: crate::constraint_args::ConstraintArgs,
     /// Completions per prompt.
     #[arg(long, default_value_t = 1)]
     pub n: usize,
@@ -290,6 +293,10 @@ pub struct ThroughputArgs {
     /// Also write the result as JSON to this file.
     #[arg(long)]
     pub output_json: Option<PathBuf>,
+    /// With a constraint: decode throughput constrained vs unconstrained, in one run, at batch
+    /// 1 and 8 (the ratio is reported).
+    #[command(flatten)]
+    pub constraint: crate::constraint_args::ConstraintArgs,
 }
 
 #[derive(Debug, Args)]
@@ -418,7 +425,7 @@ impl SamplingArgs {
             skip_special_tokens: !self.no_skip_special_tokens,
             include_stop_str_in_output: self.include_stop_str_in_output,
             logit_bias,
-            structured_outputs: None,
+            structured_outputs: self.constraint.to_params()?.map(Box::new),
         })
     }
 }

@@ -5,8 +5,8 @@
 //! ```text
 //! startup:   Tokenizer ─► StructuredOutputBackend::new   (token bytes → llguidance TokTrie, once)
 //! add time:  SamplingParams.structured_outputs ─► backend.compile() ─► GrammarMatcher   (400 on error)
-//! each step: ModelRunner: masks of the constrained rows computed while the model runs;
-//!            GrammarMatcher::apply_mask(row) before the sampler; accept(token) after it
+//! each step: ModelRunner: the constrained rows' masks (GrammarMatcher::compute_mask) before
+//!            the forward; apply_mask(row) before the sampler; accept(token) after it
 //! ```
 //!
 //! Why llguidance: it is the library behind vLLM's `guidance` backend and llama.cpp's
