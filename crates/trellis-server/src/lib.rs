@@ -22,6 +22,8 @@ pub mod lora_routes;
 pub mod pooling;
 pub mod protocol;
 mod routes;
+pub mod structured;
+pub mod tool_calls;
 mod util;
 
 use std::future::Future;
@@ -62,6 +64,10 @@ pub struct ServerConfig {
     pub lora_resolvers: trellis_engine::LoraResolverRegistry,
     /// `VLLM_SKIP_MODEL_NAME_VALIDATION`: any `model` is accepted (as the base model).
     pub skip_model_name_validation: bool,
+    /// `tool_choice: "auto"` is allowed (`--enable-auto-tool-choice`).
+    pub enable_auto_tool_choice: bool,
+    /// The parser of the model's tool calls under `auto` (`--tool-call-parser`: `hermes`).
+    pub tool_call_parser: Option<String>,
 }
 
 impl ServerConfig {
@@ -79,6 +85,8 @@ impl ServerConfig {
             allow_runtime_lora_updating: false,
             lora_resolvers: Default::default(),
             skip_model_name_validation: false,
+            enable_auto_tool_choice: false,
+            tool_call_parser: None,
         }
     }
 }

@@ -185,6 +185,7 @@ impl ParamsInput<'_> {
             skip_special_tokens: c.skip_special_tokens.unwrap_or(true),
             include_stop_str_in_output: c.include_stop_str_in_output,
             logit_bias,
+            structured_outputs: c.structured_outputs.clone(),
         };
         params
             .validate(self.vocab_size)

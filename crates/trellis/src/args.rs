@@ -131,6 +131,9 @@ pub struct EngineArgs {
 /// Sampling flags (vLLM's `SamplingParams`).
 #[derive(Debug, Clone, Args)]
 pub struct SamplingArgs {
+    /// Structured outputs.
+    #[command(flatten)]
+    pub constraint: crate::constraint_args::ConstraintArgs,
     /// Completions per prompt.
     #[arg(long, default_value_t = 1)]
     pub n: usize,
@@ -243,6 +246,12 @@ pub struct ServeArgs {
     /// `data` requests to; wins over the `io_processor_plugin` key of the model's config.json.
     #[arg(long, value_name = "NAME")]
     pub io_processor_plugin: Option<String>,
+    /// Allow `tool_choice: "auto"`: the model's tool calls are parsed with --tool-call-parser.
+    #[arg(long, requires = "tool_call_parser")]
+    pub enable_auto_tool_choice: bool,
+    /// How the model writes tool calls (`hermes`: `<tool_call>{...}</tool_call>`).
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(trellis_server::tool_calls::TOOL_CALL_PARSERS))]
+    pub tool_call_parser: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -297,6 +306,10 @@ pub struct ThroughputArgs {
     /// Also write the result as JSON to this file.
     #[arg(long)]
     pub output_json: Option<PathBuf>,
+    /// With a constraint: decode throughput constrained vs unconstrained, in one run, at batch
+    /// 1 and 8 (the ratio is reported).
+    #[command(flatten)]
+    pub constraint: crate::constraint_args::ConstraintArgs,
 }
 
 #[derive(Debug, Args)]
@@ -426,6 +439,7 @@ impl SamplingArgs {
             skip_special_tokens: !self.no_skip_special_tokens,
             include_stop_str_in_output: self.include_stop_str_in_output,
             logit_bias,
+            structured_outputs: self.constraint.to_params()?.map(Box::new),
         })
     }
 }

@@ -73,6 +73,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     server.lora_resolvers = lora_resolvers;
     server.skip_model_name_validation = std::env::var("VLLM_SKIP_MODEL_NAME_VALIDATION")
         .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true"));
+    server.enable_auto_tool_choice = args.enable_auto_tool_choice;
+    server.tool_call_parser = args.tool_call_parser.clone();
     // The IO processor is loaded by the serving front end at startup, as in vLLM.
     let io_processor =
         trellis_engine::select_io_processor(args.io_processor_plugin.as_deref(), engine.config())?
