@@ -53,8 +53,8 @@ pub use outputs::{
 pub use platform_setup::{builtin_registries, plugin_registries, with_plugins};
 pub use pooling_params::{PoolingParams, PoolingParamsError, PoolingTask};
 pub use sampling_params::{SamplingParams, SamplingParamsError};
-pub use trellis_models::LoraError;
 pub use structured_output::{StructuredOutputBackend, StructuredOutputsParams};
+pub use trellis_models::LoraError;
 pub use trellis_plugin::Registries;
 pub use trellis_plugin::{
     IoPoolingOutput, IoPoolingParams, IoProcessor, IoPrompt, IoResult, Pooler, PoolingType,

@@ -171,6 +171,7 @@ pub fn fuzz(
     crashes: Option<&Path>,
     current: Option<&Path>,
 ) -> anyhow::Result<Report> {
+    ctx.prepare(target)?;
     let mut corpus = ctx.seeds(target)?;
     let n_seeds = corpus.len() as u64;
     let mut seen = HashSet::new();
