@@ -238,13 +238,21 @@ impl LLMEngine {
         let mut core = EngineCore::new(scheduler, runner);
         if runner_type == RunnerType::Generate {
             let t = std::time::Instant::now();
-            let backend = StructuredOutputBackend::new(&tokenizer, model_cfg.vocab_size)?;
-            core.set_structured_output_backend(backend);
-            log(&format!(
-                "Structured outputs: llguidance token trie of {} tokens built in {:.0} ms",
-                model_cfg.vocab_size,
-                t.elapsed().as_secs_f64() * 1e3
-            ));
+            // A tokenizer llguidance cannot read (a plugin model's toy tokenizer without a
+            // decoder, say) leaves the engine without structured outputs, not without a start.
+            match StructuredOutputBackend::new(&tokenizer, model_cfg.vocab_size) {
+                Ok(backend) => {
+                    core.set_structured_output_backend(backend);
+                    log(&format!(
+                        "Structured outputs: llguidance token trie of {} tokens built in {:.0} ms",
+                        model_cfg.vocab_size,
+                        t.elapsed().as_secs_f64() * 1e3
+                    ));
+                }
+                Err(e) => log(&format!(
+                    "WARNING structured outputs are not available for this tokenizer: {e}"
+                )),
+            }
         }
         let tokenizer = Arc::new(tokenizer);
         let seeds = Generator::new(config.seed);
