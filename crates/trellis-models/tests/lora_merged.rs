@@ -15,19 +15,7 @@ use trellis_models::{LoraAdapter, load_model};
 use trellis_plugin::{LoraSlotPool, LoraTarget, Model};
 
 fn tiny() -> Tiny {
-    Tiny {
-        arch: "LlamaForCausalLM",
-        vocab: 61,
-        hidden: 32,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        inter: 48,
-        theta: 10_000.0,
-        tie: false,
-        qkv_bias: false,
-        llama3: None,
-    }
+    Tiny::small("LlamaForCausalLM")
 }
 
 /// A random PEFT adapter on every target of `spec` (rank 4, q_proj rank 2 by pattern), its
@@ -54,21 +42,20 @@ fn adapter(
             let key = format!("model.layers.{i}.{}.{}", t.parent(), t.name());
             let w = &base[&format!("{key}.weight")];
             let (out, inp) = w.dims2()?;
-            let (rank, a_scale) = match t {
-                LoraTarget::QProj => (2, 2.0),
-                _ => (r, alpha),
+            // rank_pattern: q_proj has rank 2; alpha_pattern: down_proj has alpha 3.
+            let rank = if t == LoraTarget::QProj { 2 } else { r };
+            let a_scale = if t == LoraTarget::DownProj {
+                3.0
+            } else {
+                alpha
             };
-            let a_scale = if t == LoraTarget::DownProj { 3.0 } else { a_scale };
             let s = match rslora {
                 true => a_scale / (rank as f64).sqrt(),
                 false => a_scale / rank as f64,
             };
             let a = rng.tensor(&[rank, inp], 0.3);
             let b = rng.tensor(&[out, rank], 0.3);
-            merged.insert(
-                format!("{key}.weight"),
-                (w + (b.matmul(&a)? * s)?)?,
-            );
+            merged.insert(format!("{key}.weight"), (w + (b.matmul(&a)? * s)?)?);
             tensors.insert(format!("base_model.model.{key}.lora_A.weight"), a);
             tensors.insert(format!("base_model.model.{key}.lora_B.weight"), b);
         }
@@ -125,7 +112,10 @@ fn check(gguf: bool, rslora: bool) -> Result<()> {
     let mut with_lora = PagedRunner::new(base.as_ref(), 16, 4)?;
     with_lora.lora = Some((pool, 1));
     let got = logits(base.as_ref(), &mut with_lora)?;
-    let want = logits(merged.as_ref(), &mut PagedRunner::new(merged.as_ref(), 16, 4)?)?;
+    let want = logits(
+        merged.as_ref(),
+        &mut PagedRunner::new(merged.as_ref(), 16, 4)?,
+    )?;
     let plain = logits(base.as_ref(), &mut PagedRunner::new(base.as_ref(), 16, 4)?)?;
     let diff = |a: &[f32], b: &[f32]| {
         a.iter()
@@ -134,7 +124,10 @@ fn check(gguf: bool, rslora: bool) -> Result<()> {
             .fold(0f32, f32::max)
     };
     let (err, moved) = (diff(&got, &want), diff(&plain, &want));
-    assert!(moved > 0.1, "the adapter hardly changes the logits ({moved})");
+    assert!(
+        moved > 0.1,
+        "the adapter hardly changes the logits ({moved})"
+    );
     assert!(
         err <= 1e-4,
         "gguf={gguf} rslora={rslora}: LoRA vs merged differ by {err}"
