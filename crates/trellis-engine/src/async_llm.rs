@@ -182,6 +182,8 @@ pub struct AsyncLLM {
     stat_logger_names: Vec<String>,
     lora: Option<LoraFacts>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// False once the engine loop has ended (set before its command channel closes).
+    alive: Arc<std::sync::atomic::AtomicBool>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -202,6 +204,8 @@ impl AsyncLLM {
     ) -> Result<Self, EngineError> {
         let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
         let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let thread_alive = alive.clone();
         let thread = std::thread::Builder::new()
             .name("trellis-engine".into())
             .spawn(move || {
@@ -229,7 +233,7 @@ impl AsyncLLM {
                             }),
                         };
                         if ready_tx.send(Ok(facts)).is_ok() {
-                            EngineLoop::new(engine, stats).run(cmd_rx);
+                            EngineLoop::new(engine, stats).run(cmd_rx, &thread_alive);
                         }
                     }
                     Err(e) => {
@@ -254,6 +258,7 @@ impl AsyncLLM {
             stat_logger_names: facts.stat_logger_names,
             lora: facts.lora,
             thread: std::sync::Mutex::new(Some(thread)),
+            alive,
             next_id: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -405,7 +410,10 @@ impl AsyncLLM {
     /// True while the engine thread runs.
     pub fn is_alive(&self) -> bool {
         match self.thread.lock() {
-            Ok(t) => t.as_ref().is_some_and(|h| !h.is_finished()),
+            Ok(t) => {
+                self.alive.load(std::sync::atomic::Ordering::SeqCst)
+                    && t.as_ref().is_some_and(|h| !h.is_finished())
+            }
             Err(_) => false,
         }
     }
@@ -586,10 +594,18 @@ impl EngineLoop {
         }
     }
 
-    fn run(mut self, commands: std_mpsc::Receiver<Command>) {
+    /// Runs until shutdown or death; `alive` turns false before the command channel closes,
+    /// so whoever sees a request refused as `EngineDead` also sees [`AsyncLLM::is_alive`] false.
+    fn run(self, commands: std_mpsc::Receiver<Command>, alive: &std::sync::atomic::AtomicBool) {
+        self.run_loop(&commands);
+        alive.store(false, std::sync::atomic::Ordering::SeqCst);
+        drop(commands);
+    }
+
+    fn run_loop(mut self, commands: &std_mpsc::Receiver<Command>) {
         loop {
             if self.streams.is_empty() {
-                match self.wait(&commands) {
+                match self.wait(commands) {
                     Ok(Some(cmd)) => {
                         if !self.handle(cmd) {
                             return self.stop();

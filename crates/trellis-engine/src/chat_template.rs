@@ -31,13 +31,24 @@ pub enum ChatTemplateError {
     Render(String),
 }
 
-/// One chat message: a role (`system`, `user`, `assistant`, ...) and its text.
+/// One chat message: a role (`system`, `user`, `assistant`, `tool`, ...) and its text, plus
+/// the tool-calling fields templates read (`tool_calls` of an assistant turn, `tool_call_id`
+/// of a tool result), present only when set.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     /// Who speaks.
     pub role: String,
     /// What is said (text parts already joined).
     pub content: String,
+    /// The tool calls of an assistant message, in OpenAI's shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The speaker's (or the tool's) name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -46,6 +57,9 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 }
@@ -150,6 +164,14 @@ impl ChatTemplate {
             tokenizer.bos_token().unwrap_or(""),
             tokenizer.eos_token().unwrap_or(""),
         )
+    }
+
+    /// True when the template reads the variable `name` (for example `tools`: a template that
+    /// never reads it cannot show tools to the model).
+    pub fn reads_variable(&self, name: &str) -> bool {
+        self.env
+            .get_template(NAME)
+            .is_ok_and(|t| t.undeclared_variables(false).contains(name))
     }
 
     /// Renders the messages into a prompt string.

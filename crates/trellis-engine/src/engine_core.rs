@@ -20,6 +20,7 @@ use crate::model_runner::{ModelRunner, RunnerRequest};
 use crate::pooling_params::PoolingParams;
 use crate::sampler::{Generator, PositionLogprobs};
 use crate::sampling_params::SamplingParams;
+use crate::structured_output::StructuredOutputBackend;
 
 /// A request as the engine core receives it: token ids and parameters, no text.
 #[derive(Debug, Clone)]
@@ -73,6 +74,8 @@ pub struct EngineCore {
     scheduler: Scheduler,
     runner: ModelRunner,
     last_plan: Option<SchedulerOutput>,
+    /// Compiles `structured_outputs` (set by [`Self::set_structured_output_backend`]).
+    structured: Option<StructuredOutputBackend>,
 }
 
 impl EngineCore {
@@ -82,7 +85,13 @@ impl EngineCore {
             scheduler,
             runner,
             last_plan: None,
+            structured: None,
         }
+    }
+
+    /// Enables `structured_outputs` with the backend built from the engine's tokenizer.
+    pub fn set_structured_output_backend(&mut self, backend: StructuredOutputBackend) {
+        self.structured = Some(backend);
     }
 
     /// The scheduler (read-only).
@@ -129,6 +138,16 @@ impl EngineCore {
                 false => "this model runs the pooling runner: it does not generate".into(),
             }));
         }
+        let grammar = match (&p.structured_outputs, &mut self.structured) {
+            (None, _) => None,
+            (Some(so), Some(backend)) => Some(backend.compile(so)?),
+            (Some(_), None) => {
+                return Err(EngineError::Config(
+                    "structured outputs are not available: this engine has no grammar backend"
+                        .into(),
+                ));
+            }
+        };
         let stop = StopConditions {
             // A pooling request's one "output" is its pooled vector.
             max_tokens: if pooling { Some(1) } else { p.max_tokens },
@@ -163,6 +182,7 @@ impl EngineCore {
                 prompt_logprobs_done: 0,
                 pooling: req.pooling_params,
                 lora,
+                grammar,
             },
         );
         Ok(())
@@ -214,6 +234,20 @@ impl EngineCore {
                     request_id: id,
                     finish_reason: Some(FinishReason::Stop),
                     pooled: Some(data),
+                    ..Default::default()
+                },
+            );
+        }
+        // A grammar that failed ends its request with an error (nothing was sampled for it).
+        for (id, error) in out.grammar_errors.drain(..) {
+            self.finish_request(&id, FinishReason::Error);
+            order.push(id.clone());
+            results.insert(
+                id.clone(),
+                StepOutput {
+                    request_id: id,
+                    finish_reason: Some(FinishReason::Error),
+                    error: Some(format!("structured outputs: {error}")),
                     ..Default::default()
                 },
             );

@@ -29,6 +29,7 @@ pub mod platform_setup;
 pub mod pooling_params;
 pub mod sampler;
 pub mod sampling_params;
+pub mod structured_output;
 pub mod tokenizer;
 
 pub use async_llm::{
@@ -52,6 +53,7 @@ pub use outputs::{
 pub use platform_setup::{builtin_registries, plugin_registries, with_plugins};
 pub use pooling_params::{PoolingParams, PoolingParamsError, PoolingTask};
 pub use sampling_params::{SamplingParams, SamplingParamsError};
+pub use structured_output::{StructuredOutputBackend, StructuredOutputsParams};
 pub use trellis_models::LoraError;
 pub use trellis_plugin::Registries;
 pub use trellis_plugin::{

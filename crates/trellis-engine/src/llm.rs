@@ -21,6 +21,7 @@ use crate::platform_setup::{log, plugin_registries, setup};
 use crate::pooling_params::PoolingParams;
 use crate::sampler::Generator;
 use crate::sampling_params::SamplingParams;
+use crate::structured_output::StructuredOutputBackend;
 use crate::tokenizer::Tokenizer;
 
 /// A prompt: text to tokenize, or token ids.
@@ -234,10 +235,21 @@ impl LLMEngine {
             RunnerType::Pooling => Some(Arc::new(tokenizer.truncating(max_model_len)?)),
             RunnerType::Generate => None,
         };
+        let mut core = EngineCore::new(scheduler, runner);
+        if runner_type == RunnerType::Generate {
+            let t = std::time::Instant::now();
+            let backend = StructuredOutputBackend::new(&tokenizer, model_cfg.vocab_size)?;
+            core.set_structured_output_backend(backend);
+            log(&format!(
+                "Structured outputs: llguidance token trie of {} tokens built in {:.0} ms",
+                model_cfg.vocab_size,
+                t.elapsed().as_secs_f64() * 1e3
+            ));
+        }
         let tokenizer = Arc::new(tokenizer);
         let seeds = Generator::new(config.seed);
         Ok(LLMEngine {
-            core: EngineCore::new(scheduler, runner),
+            core,
             processor: OutputProcessor::new(tokenizer.clone()),
             tokenizer,
             pooling_tokenizer,

@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 
+use crate::structured_output::StructuredOutputsParams;
+
 /// An invalid sampling parameter: which one, and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
@@ -58,6 +60,10 @@ pub struct SamplingParams {
     pub include_stop_str_in_output: bool,
     /// Added to the logits of the given token ids before sampling.
     pub logit_bias: HashMap<u32, f32>,
+    /// Constrain the output to a JSON schema, regex, choice or grammar (vLLM's
+    /// `structured_outputs`; see [`crate::structured_output`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub structured_outputs: Option<Box<StructuredOutputsParams>>,
 }
 
 impl Default for SamplingParams {
@@ -82,6 +88,7 @@ impl Default for SamplingParams {
             skip_special_tokens: true,
             include_stop_str_in_output: false,
             logit_bias: HashMap::new(),
+            structured_outputs: None,
         }
     }
 }
@@ -221,6 +228,9 @@ impl SamplingParams {
                     format!("logit_bias for token {tok} must be a finite number."),
                 );
             }
+        }
+        if let Some(so) = &self.structured_outputs {
+            so.validate()?;
         }
         for &tok in &self.stop_token_ids {
             if tok as usize >= vocab_size {

@@ -252,9 +252,10 @@ impl Scheduler {
         !self.requests.is_empty() || !self.pending_outputs.is_empty()
     }
 
-    /// Queues a request. Bad input is refused with an error naming the limit; a request that
-    /// can never fit in the KV cache is accepted and finished at once with
-    /// [`FinishReason::Error`] (reported by the next [`Self::update_from_output`]).
+    /// Queues a request. Bad input is refused with an error naming the limit, and so is a
+    /// request whose prompt plus `max_tokens` could never fit in the whole KV cache. Without a
+    /// `max_tokens`, a request may grow until the context or the cache is full, whichever is
+    /// smaller.
     pub fn add_request(&mut self, new: NewRequest) -> Result<(), SchedError> {
         let prompt_len = new.prompt_token_ids.len();
         let max_model_len = self.config.max_model_len;
@@ -267,7 +268,13 @@ impl Scheduler {
                 max_model_len,
             });
         }
-        let max_tokens = new.stop.max_tokens.unwrap_or(max_model_len - prompt_len);
+        let capacity = self.config.num_blocks * self.config.block_size;
+        let max_tokens = new.stop.max_tokens.unwrap_or(
+            max_model_len
+                .min(capacity)
+                .saturating_sub(prompt_len)
+                .max(1),
+        );
         if max_tokens == 0 {
             return Err(SchedError::ZeroMaxTokens(0));
         }
@@ -279,6 +286,16 @@ impl Scheduler {
                 max_model_len,
             });
         }
+        if prompt_len + max_tokens > capacity {
+            return Err(SchedError::ExceedsKvCache {
+                prompt_len,
+                max_tokens,
+                needed: prompt_len + max_tokens,
+                capacity,
+                num_blocks: self.config.num_blocks,
+                block_size: self.config.block_size,
+            });
+        }
         if new.stop.min_tokens > max_tokens {
             return Err(SchedError::MinTokensAboveMax {
                 min_tokens: new.stop.min_tokens,
@@ -287,23 +304,6 @@ impl Scheduler {
         }
         if self.requests.contains_key(&new.request_id) {
             return Err(SchedError::DuplicateRequestId(new.request_id));
-        }
-        let capacity = self.config.num_blocks * self.config.block_size;
-        if prompt_len > capacity {
-            self.pending_outputs.push(EngineCoreOutput {
-                request_id: new.request_id,
-                new_token_ids: Vec::new(),
-                finish_reason: Some(FinishReason::Error),
-                stop_reason: None,
-                num_cached_tokens: 0,
-                error: Some(format!(
-                    "the prompt needs {} KV-cache blocks but the cache has only {} blocks of {} tokens",
-                    prompt_len.div_ceil(self.config.block_size),
-                    self.config.num_blocks,
-                    self.config.block_size
-                )),
-            });
-            return Ok(());
         }
         let mut request = Request::new(new, max_tokens);
         update_block_hashes(&mut request, self.config.block_size);

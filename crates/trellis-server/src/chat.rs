@@ -9,7 +9,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc;
 use trellis_engine::sampler::PositionLogprobs;
-use trellis_engine::{ChatMessage, ChatTemplateOptions, GenerateRequest, Prompt, RequestStream};
+use trellis_engine::{
+    ChatMessage, ChatTemplateOptions, CompletionDelta, FinishReason, GenerateRequest, Prompt,
+    RequestStream,
+};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -17,6 +20,8 @@ use crate::protocol::{
     ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessageInput,
     ChatMessageOutput, ChatTokenLogprob, ChatTopLogprob, MessageContent, StreamOptions, Usage,
 };
+use crate::structured;
+use crate::tool_calls::{self, ToolCallOutput, ToolPlan, ToolStreamer};
 use crate::util::{self, JsonBody, ParamsInput, RequestLog};
 
 /// Turns wire messages into template messages; text parts are joined with newlines.
@@ -49,7 +54,11 @@ pub fn convert_messages(messages: &[ChatMessageInput]) -> Result<Vec<ChatMessage
                     texts.join("\n")
                 }
             };
-            Ok(ChatMessage::new(m.role.clone(), content))
+            let mut message = ChatMessage::new(m.role.clone(), content);
+            message.tool_calls = m.tool_calls.as_deref().map(tool_calls::template_tool_calls);
+            message.tool_call_id = m.tool_call_id.clone();
+            message.name = m.name.clone();
+            Ok(message)
         })
         .collect()
 }
@@ -72,11 +81,21 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
         .chat_template
         .as_ref()
         .map_err(|e| ApiError::from(e.clone()))?;
+    let tools = ToolPlan::new(
+        req.tools.as_deref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+        &state.config,
+        template,
+    )?;
     let messages = convert_messages(&req.messages)?;
-    let options = ChatTemplateOptions {
+    let mut options = ChatTemplateOptions {
         add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
         extra: req.chat_template_kwargs.clone().unwrap_or_default(),
     };
+    if let Some(t) = tools.template_tools() {
+        options.extra.insert("tools".into(), t);
+    }
     let prompt = template.render(&messages, &options)?;
     let tok = state.engine.tokenizer();
     let ids = tok
@@ -94,7 +113,7 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
         Some(m) => (Some(m), "max_completion_tokens"),
         None => (req.max_tokens, "max_tokens"),
     };
-    let params = ParamsInput {
+    let mut params = ParamsInput {
         common: &req.common,
         max_tokens,
         logprobs,
@@ -104,6 +123,18 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
         vocab_size: state.engine.config().model.vocab_size,
     }
     .build()?;
+    // The constraint: a tool grammar, else `structured_outputs`, else `response_format`;
+    // its errors name the field the client used.
+    let mut constraint_field = "structured_outputs";
+    if let Some(c) = tools.constraint() {
+        params.structured_outputs = Some(c.into());
+        constraint_field = "tools";
+    } else if params.structured_outputs.is_none()
+        && let Some(rf) = &req.response_format
+    {
+        params.structured_outputs = rf.constraint()?.map(Box::new);
+        constraint_field = structured::RESPONSE_FORMAT;
+    }
     let n = params.n;
     let id = util::random_id("chatcmpl");
     let stream = state
@@ -115,7 +146,8 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
             priority: 0,
             lora,
         })
-        .await?;
+        .await
+        .map_err(|e| structured::rename_param(e.into(), constraint_field))?;
     let (include_usage, continuous_usage) =
         StreamOptions::usage_flags(req.common.stream_options.as_ref());
     let job = Job {
@@ -126,6 +158,7 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
         top_logprobs: logprobs,
         start,
         continuous_usage,
+        tools,
     };
     if req.common.stream {
         let (tx, rx) = mpsc::channel(64);
@@ -147,6 +180,8 @@ struct Job {
     start: Instant,
     /// `stream_options.continuous_usage_stats` (with `include_usage`): usage in every chunk.
     continuous_usage: bool,
+    /// How the output becomes tool calls.
+    tools: ToolPlan,
 }
 
 impl Job {
@@ -209,6 +244,61 @@ impl Job {
         Some(ChatLogprobs { content })
     }
 
+    /// The chunks of one text delta: the text itself, or (with tools) its content and tool-call
+    /// fragments, the logprobs and finish reason on the last chunk.
+    fn delta_choices(
+        &self,
+        d: &CompletionDelta,
+        streamer: Option<&mut ToolStreamer>,
+    ) -> Vec<ChatChoice> {
+        let choice =
+            |content: Option<String>, tool_calls: Option<Vec<ToolCallOutput>>| ChatChoice {
+                index: d.index,
+                message: None,
+                delta: Some(ChatMessageOutput {
+                    role: None,
+                    content,
+                    tool_calls,
+                }),
+                logprobs: None,
+                finish_reason: None,
+                stop_reason: None,
+            };
+        let mut chunks = Vec::new();
+        let mut called = false;
+        if let Some(s) = streamer {
+            let mut parts = s.push(&d.text);
+            if d.finish_reason.is_some() {
+                let end = s.finish();
+                parts.tool_calls.extend(end.tool_calls);
+                if let Some(c) = end.content {
+                    parts.content.get_or_insert_with(String::new).push_str(&c);
+                }
+            }
+            called = s.called();
+            if let Some(c) = parts.content {
+                chunks.push(choice(Some(c), None));
+            }
+            chunks.extend(
+                parts
+                    .tool_calls
+                    .into_iter()
+                    .map(|t| choice(None, Some(vec![t]))),
+            );
+        } else {
+            chunks.push(choice(Some(d.text.clone()), None));
+        }
+        if chunks.is_empty() {
+            chunks.push(choice(Some(String::new()), None));
+        }
+        if let Some(last) = chunks.last_mut() {
+            last.logprobs = self.logprobs(d.token_ids.iter().zip(d.logprobs.iter()));
+            last.finish_reason = tool_finish(d.finish_reason, called);
+            last.stop_reason = util::stop_value(&d.stop_reason);
+        }
+        chunks
+    }
+
     async fn gather(self, mut stream: RequestStream) -> Result<ChatCompletionResponse, ApiError> {
         let mut finished = None;
         while let Some(u) = stream.recv().await {
@@ -229,16 +319,23 @@ impl Job {
         let choices = out
             .outputs
             .iter()
-            .map(|c| ChatChoice {
-                index: c.index,
-                message: Some(ChatMessageOutput {
-                    role: Some("assistant".into()),
-                    content: Some(c.text.clone()),
-                }),
-                delta: None,
-                logprobs: self.logprobs(c.token_ids.iter().zip(c.logprobs.iter().flatten())),
-                finish_reason: util::finish_name(c.finish_reason),
-                stop_reason: util::stop_value(&c.stop_reason),
+            .map(|c| {
+                let (content, calls) = match self.tools.parses_output() {
+                    true => self.tools.extract(&c.text),
+                    false => (Some(c.text.clone()), Vec::new()),
+                };
+                ChatChoice {
+                    index: c.index,
+                    finish_reason: tool_finish(c.finish_reason, !calls.is_empty()),
+                    message: Some(ChatMessageOutput {
+                        role: Some("assistant".into()),
+                        content,
+                        tool_calls: (!calls.is_empty()).then_some(calls),
+                    }),
+                    delta: None,
+                    logprobs: self.logprobs(c.token_ids.iter().zip(c.logprobs.iter().flatten())),
+                    stop_reason: util::stop_value(&c.stop_reason),
+                }
             })
             .collect();
         self.log(completion_tokens, "ok");
@@ -265,6 +362,7 @@ impl Job {
                 delta: Some(ChatMessageOutput {
                     role: Some("assistant".into()),
                     content: Some(String::new()),
+                    tool_calls: None,
                 }),
                 logprobs: None,
                 finish_reason: None,
@@ -282,6 +380,10 @@ impl Job {
             }
         }
         let mut per_choice = vec![0usize; self.n];
+        let mut streamers: Vec<ToolStreamer> = match self.tools.parses_output() {
+            true => (0..self.n).map(|_| self.tools.streamer()).collect(),
+            false => Vec::new(),
+        };
         let mut done = false;
         loop {
             let next = tokio::select! {
@@ -306,27 +408,16 @@ impl Job {
                 if d.text.is_empty() && d.finish_reason.is_none() && d.token_ids.is_empty() {
                     continue;
                 }
-                let choice = ChatChoice {
-                    index: d.index,
-                    message: None,
-                    delta: Some(ChatMessageOutput {
-                        role: None,
-                        content: Some(d.text.clone()),
-                    }),
-                    logprobs: self.logprobs(d.token_ids.iter().zip(d.logprobs.iter())),
-                    finish_reason: util::finish_name(d.finish_reason),
-                    stop_reason: util::stop_value(&d.stop_reason),
-                };
+                let choices = self.delta_choices(&d, streamers.get_mut(d.index));
                 let usage = self.continuous_usage.then(|| {
                     let tokens = per_choice.get(d.index).copied().unwrap_or(0);
                     Usage::new(self.prompt_tokens, tokens)
                 });
-                if tx
-                    .send(util::sse_json(&self.response(OBJ, vec![choice], usage)))
-                    .await
-                    .is_err()
-                {
-                    return self.log(generated, "aborted: client disconnected");
+                for choice in choices {
+                    let chunk = self.response(OBJ, vec![choice], usage);
+                    if tx.send(util::sse_json(&chunk)).await.is_err() {
+                        return self.log(generated, "aborted: client disconnected");
+                    }
                 }
             }
             if done {
@@ -345,5 +436,13 @@ impl Job {
         }
         let _ = tx.send(util::sse_done()).await;
         self.log(generated, "ok");
+    }
+}
+
+/// The finish reason: `tool_calls` when the output ended normally with tool calls.
+fn tool_finish(reason: Option<FinishReason>, called: bool) -> Option<String> {
+    match reason {
+        Some(FinishReason::Stop) if called => Some("tool_calls".into()),
+        r => util::finish_name(r),
     }
 }

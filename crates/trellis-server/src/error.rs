@@ -65,6 +65,7 @@ impl ApiError {
             403 => "PermissionDeniedError",
             404 => "NotFoundError",
             405 => "MethodNotAllowedError",
+            408 => "RequestTimeoutError",
             413 => "PayloadTooLargeError",
             415 => "UnsupportedMediaTypeError",
             503 => "ServiceUnavailableError",

@@ -101,6 +101,8 @@ pub struct CommonParams {
     /// Keep a matched stop string (vLLM).
     #[serde(default)]
     pub include_stop_str_in_output: bool,
+    /// Constrain the output: JSON schema, regex, choice or grammar (vLLM's extra field).
+    pub structured_outputs: Option<Box<trellis_engine::StructuredOutputsParams>>,
 }
 
 /// `POST /v1/completions`.
@@ -147,8 +149,12 @@ pub struct ChatMessageInput {
     pub role: String,
     /// The content (may be null for assistant messages).
     pub content: Option<MessageContent>,
-    /// Optional speaker name (accepted, unused).
+    /// Optional speaker name (passed to the chat template).
     pub name: Option<String>,
+    /// The tool calls of an assistant message.
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -169,6 +175,14 @@ pub struct ChatCompletionRequest {
     pub add_generation_prompt: Option<bool>,
     /// Extra chat-template variables (vLLM).
     pub chat_template_kwargs: Option<BTreeMap<String, serde_json::Value>>,
+    /// `text`, `json_object` or `json_schema` (constrains the output).
+    pub response_format: Option<crate::structured::ResponseFormat>,
+    /// Functions the model may call.
+    pub tools: Option<Vec<crate::tool_calls::ChatTool>>,
+    /// `none`, `auto`, `required` or a named function.
+    pub tool_choice: Option<crate::tool_calls::ToolChoice>,
+    /// `false`: `tool_choice: "required"` makes exactly one call.
+    pub parallel_tool_calls: Option<bool>,
     /// The shared fields.
     #[serde(flatten)]
     pub common: CommonParams,
@@ -283,6 +297,9 @@ pub struct ChatMessageOutput {
     /// The text.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub content: Option<String>,
+    /// Tool calls (whole in a message; index-tagged fragments in a delta).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tool_calls: Option<Vec<crate::tool_calls::ToolCallOutput>>,
 }
 
 /// One choice of a chat response (`message`) or chunk (`delta`).

@@ -131,6 +131,9 @@ pub struct EngineArgs {
 /// Sampling flags (vLLM's `SamplingParams`).
 #[derive(Debug, Clone, Args)]
 pub struct SamplingArgs {
+    /// Structured outputs.
+    #[command(flatten)]
+    pub constraint: crate::constraint_args::ConstraintArgs,
     /// Completions per prompt.
     #[arg(long, default_value_t = 1)]
     pub n: usize,
@@ -228,10 +231,27 @@ pub struct ServeArgs {
     /// counts); a request beyond it gets 503 with Retry-After instead of an unbounded queue.
     #[arg(long, default_value_t = trellis_engine::DEFAULT_MAX_WAITING_REQUESTS)]
     pub max_waiting_requests: usize,
+    /// Most client connections open at once; one more is answered 503 with Retry-After and
+    /// closed. Kept below the process's open-file limit.
+    #[arg(long, default_value_t = trellis_server::conn::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, and may stay idle between
+    /// requests, before it is closed (vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE).
+    #[arg(long, env = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", default_value_t = 5.0)]
+    pub timeout_keep_alive: f64,
+    /// Seconds a client may take to send a whole request body (408 after).
+    #[arg(long, default_value_t = 60.0)]
+    pub http_body_timeout: f64,
     /// The IO processor plugin (group `io_processor`, by entry name) that `/pooling` hands
     /// `data` requests to; wins over the `io_processor_plugin` key of the model's config.json.
     #[arg(long, value_name = "NAME")]
     pub io_processor_plugin: Option<String>,
+    /// Allow `tool_choice: "auto"`: the model's tool calls are parsed with --tool-call-parser.
+    #[arg(long, requires = "tool_call_parser")]
+    pub enable_auto_tool_choice: bool,
+    /// How the model writes tool calls (`hermes`: `<tool_call>{...}</tool_call>`).
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(trellis_server::tool_calls::TOOL_CALL_PARSERS))]
+    pub tool_call_parser: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -286,6 +306,10 @@ pub struct ThroughputArgs {
     /// Also write the result as JSON to this file.
     #[arg(long)]
     pub output_json: Option<PathBuf>,
+    /// With a constraint: decode throughput constrained vs unconstrained, in one run, at batch
+    /// 1 and 8 (the ratio is reported).
+    #[command(flatten)]
+    pub constraint: crate::constraint_args::ConstraintArgs,
 }
 
 #[derive(Debug, Args)]
@@ -415,6 +439,7 @@ impl SamplingArgs {
             skip_special_tokens: !self.no_skip_special_tokens,
             include_stop_str_in_output: self.include_stop_str_in_output,
             logit_bias,
+            structured_outputs: self.constraint.to_params()?.map(Box::new),
         })
     }
 }

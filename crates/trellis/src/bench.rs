@@ -33,7 +33,7 @@ fn probe(model: &Path) -> (Machine, Option<ModelCost>) {
 }
 
 /// Random prompts of `len` token ids (vLLM's random dataset), reproducible from `seed`.
-fn random_prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Prompt> {
+pub(crate) fn random_prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Prompt> {
     let mut g = Generator::new(seed);
     // Stay clear of the low ids, where small vocabularies keep their special tokens.
     let lo = 100.min(vocab / 2) as u64;
@@ -49,7 +49,7 @@ fn random_prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Prompt> 
         .collect()
 }
 
-fn fixed_length(output_len: usize) -> SamplingParams {
+pub(crate) fn fixed_length(output_len: usize) -> SamplingParams {
     SamplingParams {
         temperature: 0.0,
         ignore_eos: true,
@@ -58,7 +58,7 @@ fn fixed_length(output_len: usize) -> SamplingParams {
     }
 }
 
-fn write_json(path: Option<&Path>, value: &serde_json::Value) -> Result<()> {
+pub(crate) fn write_json(path: Option<&Path>, value: &serde_json::Value) -> Result<()> {
     if let Some(p) = path {
         std::fs::write(p, serde_json::to_string_pretty(value)?)?;
     }
@@ -74,6 +74,9 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
     let prompts = random_prompts(args.num_prompts, args.input_len, vocab, 0);
     if engine.config().runner == RunnerType::Pooling {
         return pooling_throughput(engine, &prompts, &args);
+    }
+    if let Some(constraint) = args.constraint.to_params()? {
+        return crate::bench_structured::compare(engine, &args, constraint);
     }
     let params = fixed_length(args.output_len);
     // With --enable-lora --lora-modules, the requests take the adapters in turn.

@@ -3,6 +3,8 @@
 mod args;
 mod bench;
 mod bench_serve;
+mod bench_structured;
+mod constraint_args;
 mod embed;
 mod generate;
 mod lora_args;
