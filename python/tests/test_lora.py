@@ -186,5 +186,24 @@ def test_many_adapters_churn_under_concurrent_load(lora_server, tmp_path):
         assert outs[i] == outs[i + 16], name
 
 
+def test_failed_loads_do_not_disturb_running_requests(lora_server, tmp_path):
+    client = lora_server.client()
+    want = _greedy(client, "r8", n=40)
+    bad = _variant(tmp_path, "bad", QV, r=1024)
+
+    def stream():
+        chunks = client.completions.create(model="r8", prompt=PROMPT, max_tokens=40,
+                                           temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in chunks)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(stream)
+        for i in range(4):
+            assert _load(lora_server, {"lora_name": f"bad{i}", "lora_path": str(bad)}).status_code == 500
+            r = _load(lora_server, {"lora_name": f"gone{i}", "lora_path": str(tmp_path / "none")})
+            assert r.status_code == 404
+        assert running.result() == want
+
+
 def test_runtime_routes_are_absent_without_the_env_var(server):
     assert requests.post(server.base + "/v1/load_lora_adapter", json={}, timeout=10).status_code == 404

@@ -217,6 +217,16 @@ impl LoraManager {
         while self.cache.len() > self.config.cpu_capacity() {
             self.cache.remove(0);
         }
+        let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        crate::platform_setup::log(&format!(
+            "LoRA adapter {lora_int_id} loaded from {} (rank {}, {:.1} MiB); {} adapters cached \
+             on the CPU ({:.1} MiB)",
+            active.adapter.path().display(),
+            active.adapter.rank(),
+            mib(active.adapter.bytes()),
+            self.cache.len(),
+            mib(self.cached_bytes())
+        ));
         active
     }
 

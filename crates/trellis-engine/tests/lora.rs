@@ -321,3 +321,80 @@ fn lora_request_without_enable_lora_is_refused() {
         "Got lora_request lora-smollm2-r8 but LoRA is not enabled!"
     );
 }
+
+/// A request already running keeps the weights it started with when its adapter is reloaded
+/// in place; a request added after the reload gets the new weights.
+#[test]
+fn running_request_keeps_its_weights_across_an_in_place_reload() {
+    let mut llm = engine(2);
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(16)
+    };
+    let prompt = "The capital of France is";
+    let solo = |llm: &mut LLM, name: &str, id: u32| {
+        llm.generate_lora(
+            &[prompt],
+            &[params.clone()],
+            &[Some(lora(name, id))],
+            |_, _| {},
+        )
+        .unwrap()[0]
+            .outputs[0]
+            .token_ids
+            .clone()
+    };
+    let mild = solo(&mut llm, "lora-smollm2-r8", 8);
+    let engine = llm.engine();
+    // Adapter id 1 = the mild adapter; the request starts with it.
+    let when = (0, 0.0);
+    let req = Some(lora("lora-smollm2-r8", 1));
+    engine
+        .add_request_lora("old", prompt.into(), params.clone(), when, req)
+        .unwrap();
+    let mut done = Vec::new();
+    for _ in 0..4 {
+        done.extend(
+            engine
+                .step()
+                .unwrap()
+                .into_iter()
+                .filter_map(|u| u.finished),
+        );
+    }
+    // Reload id 1 in place with the strong adapter's weights.
+    let specs = engine
+        .core()
+        .runner()
+        .lora_manager()
+        .unwrap()
+        .specs()
+        .to_vec();
+    let strong_dir = adapter_dir("lora-smollm2-r8-strong");
+    let strong = trellis_models::LoraAdapter::load(&strong_dir, &specs, 16).unwrap();
+    engine.insert_lora(1, std::sync::Arc::new(strong)).unwrap();
+    let req = Some(LoraRequest {
+        lora_path: strong_dir.to_string_lossy().into_owned(),
+        ..lora("lora-smollm2-r8", 1)
+    });
+    engine
+        .add_request_lora("new", prompt.into(), params.clone(), when, req)
+        .unwrap();
+    while engine.has_unfinished_requests() {
+        done.extend(
+            engine
+                .step()
+                .unwrap()
+                .into_iter()
+                .filter_map(|u| u.finished),
+        );
+    }
+    let out = |id: &str| {
+        done.iter().find(|o| o.request_id == id).unwrap().outputs[0]
+            .token_ids
+            .clone()
+    };
+    assert_eq!(out("old"), mild, "the running request changed weights");
+    assert_eq!(out("new"), solo(&mut llm, "lora-smollm2-r8-strong", 9));
+    assert_ne!(out("new"), mild);
+}

@@ -15,19 +15,7 @@ use trellis_models::{LoraAdapter, load_model};
 use trellis_plugin::{LoraSlotPool, LoraTarget, Model};
 
 fn tiny() -> Tiny {
-    Tiny {
-        arch: "LlamaForCausalLM",
-        vocab: 61,
-        hidden: 32,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        inter: 48,
-        theta: 10_000.0,
-        tie: false,
-        qkv_bias: false,
-        llama3: None,
-    }
+    Tiny::small("LlamaForCausalLM")
 }
 
 /// A random PEFT adapter on every target of `spec` (rank 4, q_proj rank 2 by pattern), its
@@ -54,14 +42,12 @@ fn adapter(
             let key = format!("model.layers.{i}.{}.{}", t.parent(), t.name());
             let w = &base[&format!("{key}.weight")];
             let (out, inp) = w.dims2()?;
-            let (rank, a_scale) = match t {
-                LoraTarget::QProj => (2, 2.0),
-                _ => (r, alpha),
-            };
+            // rank_pattern: q_proj has rank 2; alpha_pattern: down_proj has alpha 3.
+            let rank = if t == LoraTarget::QProj { 2 } else { r };
             let a_scale = if t == LoraTarget::DownProj {
                 3.0
             } else {
-                a_scale
+                alpha
             };
             let s = match rslora {
                 true => a_scale / (rank as f64).sqrt(),

@@ -66,6 +66,18 @@ fn parse_max_lora_rank(value: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("invalid choice: {value} (choose from {choices:?})"))
 }
 
+/// The `--lora-modules` adapters with ids 1, 2, ... (the offline commands' own numbering).
+pub fn numbered(modules: &[LoraRequest]) -> Vec<LoraRequest> {
+    modules
+        .iter()
+        .zip(1u32..)
+        .map(|(m, id)| LoraRequest {
+            lora_int_id: id,
+            ..m.clone()
+        })
+        .collect()
+}
+
 /// One `--lora-modules` item (vLLM's `LoRAParserAction`).
 pub fn parse_lora_module(value: &str) -> Result<LoraRequest, String> {
     let v = value.trim();

@@ -208,6 +208,23 @@ pub struct Tiny {
 }
 
 impl Tiny {
+    /// Two layers of width 32, four heads over two KV heads.
+    pub fn small(arch: &'static str) -> Tiny {
+        Tiny {
+            arch,
+            vocab: 97,
+            hidden: 32,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            inter: 48,
+            theta: 10_000.0,
+            tie: false,
+            qkv_bias: false,
+            llama3: None,
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
     }
