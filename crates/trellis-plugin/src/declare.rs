@@ -129,6 +129,10 @@ macro_rules! declare_plugin {
             extern "C" fn trellis_plugin_fingerprint() -> *const ::std::ffi::c_char {
                 $crate::__private::fingerprint_ptr()
             }
+            #[unsafe(export_name = concat!("trellis_plugin_layout_", env!("CARGO_CRATE_NAME")))]
+            extern "C" fn trellis_plugin_layout() -> *const ::std::ffi::c_char {
+                $crate::__private::layout_probe_ptr()
+            }
             #[unsafe(export_name = concat!("trellis_plugin_entry_", env!("CARGO_CRATE_NAME")))]
             unsafe extern "C" fn trellis_plugin_entry(call: *mut $crate::__private::LibraryCall<'_>) {
                 // SAFETY: the host passes a valid, exclusive pointer for the call's duration.
@@ -236,6 +240,12 @@ pub unsafe fn serve_library_call(call: *mut LibraryCall<'_>) {
             };
         }
     }
+}
+
+/// The NUL-terminated layout probe of this copy of `trellis-plugin`.
+#[doc(hidden)]
+pub fn layout_probe_ptr() -> *const c_char {
+    crate::fingerprint::layout_probe_ptr()
 }
 
 /// The NUL-terminated build fingerprint of this copy of `trellis-plugin`.

@@ -100,6 +100,70 @@ pub fn fingerprint_difference(plugin: &str, host: &str) -> String {
         .join(", ")
 }
 
+/// What the fingerprint cannot see: the layouts of boundary types that depend on the features
+/// the whole build turned on (a crate anywhere in the host's graph can turn on serde_json's
+/// `preserve_order`, which makes `serde_json::Map` an `IndexMap`). Computed at run time by each
+/// copy of `trellis-plugin`, the host's and the plugin's, which must agree.
+pub fn layout_probe() -> &'static str {
+    layout_probe_cstr().to_str().unwrap_or("")
+}
+
+fn layout_probe_cstr() -> &'static std::ffi::CStr {
+    static PROBE: OnceLock<std::ffi::CString> = OnceLock::new();
+    PROBE.get_or_init(|| {
+        let mut map = serde_json::Map::new();
+        map.insert("b".into(), 1.into());
+        map.insert("a".into(), 2.into());
+        let order = match map.keys().next().map(String::as_str) {
+            Some("b") => "insertion",
+            _ => "sorted",
+        };
+        let text = format!(
+            "serde_json::Value {}/{}, Map {}/{} ({order} order), Number {}; \
+             HashMap<String, String> {}; candle Tensor {}",
+            std::mem::size_of::<serde_json::Value>(),
+            std::mem::align_of::<serde_json::Value>(),
+            std::mem::size_of::<serde_json::Map<String, serde_json::Value>>(),
+            std::mem::align_of::<serde_json::Map<String, serde_json::Value>>(),
+            std::mem::size_of::<serde_json::Number>(),
+            std::mem::size_of::<std::collections::HashMap<String, String>>(),
+            std::mem::size_of::<candle_core::Tensor>(),
+        );
+        std::ffi::CString::new(text).unwrap_or_default()
+    })
+}
+
+/// [`layout_probe`] as a NUL-terminated pointer, as plugin libraries export it.
+pub(crate) fn layout_probe_ptr() -> *const std::ffi::c_char {
+    layout_probe_cstr().as_ptr()
+}
+
+/// Reads a library's layout probe through its exported `symbol` and compares it with this
+/// host's; `Err` names both when they differ or the symbol is missing.
+pub(crate) fn check_layout(lib: &libloading::Library, symbol: &str) -> Result<(), String> {
+    // SAFETY: the symbol is the `extern "C" fn() -> *const c_char` that declare_plugin! exports.
+    let probe: libloading::Symbol<'_, extern "C" fn() -> *const std::ffi::c_char> =
+        unsafe { lib.get(symbol.as_bytes()) }
+            .map_err(|e| format!("no {symbol} (built with an older declare_plugin!?): {e}"))?;
+    let ptr = probe();
+    let found = if ptr.is_null() {
+        String::new()
+    } else {
+        // SAFETY: the library returns a pointer to a NUL-terminated string it keeps forever.
+        unsafe { std::ffi::CStr::from_ptr(ptr) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    match found == layout_probe() {
+        true => Ok(()),
+        false => Err(format!(
+            "the layouts of types that cross the boundary differ (features of serde_json or \
+             other shared crates; plugin: {found}; this trellis: {})",
+            layout_probe()
+        )),
+    }
+}
+
 pub use trellis_build::lock::{
     BOUNDARY_CRATES, boundary_crates_hash, shared_crates, shared_crates_hash,
 };
@@ -132,6 +196,17 @@ pub(crate) fn host_shared_crates_hash() -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_layout_probe_names_the_serde_json_map_order() {
+        // The workspace turns on preserve_order (llguidance needs it in the host).
+        assert!(
+            layout_probe().contains("(insertion order)"),
+            "{}",
+            layout_probe()
+        );
+        assert!(!layout_probe_ptr().is_null());
+    }
 
     #[test]
     fn difference_names_each_differing_part() {

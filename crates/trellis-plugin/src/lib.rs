@@ -76,6 +76,6 @@ pub use report::{PluginReport, PluginStatus, plugin_reports};
 /// What [`declare_plugin!`] expands to; not part of the API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::declare::{LibraryCall, fingerprint_ptr, serve_library_call};
+    pub use crate::declare::{LibraryCall, fingerprint_ptr, layout_probe_ptr, serve_library_call};
     pub use inventory;
 }

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::declare::{LibraryCall, PluginEntry, call_platform, call_register, compiled_in_plugins};
-use crate::fingerprint::{BUILD_FINGERPRINT, fingerprint_difference, host_shared_crates_hash};
+use crate::fingerprint::{
+    BUILD_FINGERPRINT, check_layout, fingerprint_difference, host_shared_crates_hash,
+};
 use crate::group::PluginGroup;
 use crate::log::{Level, log};
 use crate::manifest::{MANIFEST_FILE, PluginManifest, plugin_dirs};
@@ -295,6 +297,16 @@ fn open_library(
         return Err(PluginLoadError::Incompatible {
             name: name.to_string(),
             difference: fingerprint_difference(&found, BUILD_FINGERPRINT),
+            library: path.clone(),
+            fingerprints: format!("plugin: {found}; this trellis: {BUILD_FINGERPRINT}"),
+            rebuild: rebuild_hint(m),
+        });
+    }
+    let layout_sym = format!("trellis_plugin_layout_{}", m.crate_name);
+    if let Err(difference) = check_layout(lib, &layout_sym) {
+        return Err(PluginLoadError::Incompatible {
+            name: name.to_string(),
+            difference,
             library: path.clone(),
             fingerprints: format!("plugin: {found}; this trellis: {BUILD_FINGERPRINT}"),
             rebuild: rebuild_hint(m),
@@ -743,6 +755,12 @@ pub fn library_entries(
             fingerprint_difference(&found, BUILD_FINGERPRINT)
         ));
     }
+    check_layout(lib, &format!("trellis_plugin_layout_{crate_name}")).map_err(|d| {
+        format!(
+            "{} was built for another trellis: {d}; build it with `trellis plugins build`",
+            path.display()
+        )
+    })?;
     let entry_sym = format!("trellis_plugin_entry_{crate_name}");
     // SAFETY: the entry declare_plugin! exports; the fingerprint matched.
     let entry: libloading::Symbol<'static, EntryFn> = unsafe { lib.get(entry_sym.as_bytes()) }
