@@ -138,22 +138,32 @@ pub(crate) fn layout_probe_ptr() -> *const std::ffi::c_char {
     layout_probe_cstr().as_ptr()
 }
 
-/// Reads a library's layout probe through its exported `symbol` and compares it with this
-/// host's; `Err` names both when they differ or the symbol is missing.
-pub(crate) fn check_layout(lib: &libloading::Library, symbol: &str) -> Result<(), String> {
-    // SAFETY: the symbol is the `extern "C" fn() -> *const c_char` that declare_plugin! exports.
-    let probe: libloading::Symbol<'_, extern "C" fn() -> *const std::ffi::c_char> =
-        unsafe { lib.get(symbol.as_bytes()) }
-            .map_err(|e| format!("no {symbol} (built with an older declare_plugin!?): {e}"))?;
-    let ptr = probe();
-    let found = if ptr.is_null() {
+/// Calls a library's exported `extern "C" fn() -> *const c_char` (the fingerprint or layout
+/// probe declare_plugin! exports) and returns its string (empty for null).
+pub(crate) fn read_string_symbol(
+    lib: &libloading::Library,
+    symbol: &str,
+) -> Result<String, libloading::Error> {
+    // SAFETY: the symbols this is called with are the `extern "C" fn() -> *const c_char`
+    // functions that declare_plugin! exports.
+    let f: libloading::Symbol<'_, extern "C" fn() -> *const std::ffi::c_char> =
+        unsafe { lib.get(symbol.as_bytes()) }?;
+    let ptr = f();
+    Ok(if ptr.is_null() {
         String::new()
     } else {
         // SAFETY: the library returns a pointer to a NUL-terminated string it keeps forever.
         unsafe { std::ffi::CStr::from_ptr(ptr) }
             .to_string_lossy()
             .into_owned()
-    };
+    })
+}
+
+/// Reads a library's layout probe through its exported `symbol` and compares it with this
+/// host's; `Err` names both when they differ or the symbol is missing.
+pub(crate) fn check_layout(lib: &libloading::Library, symbol: &str) -> Result<(), String> {
+    let found = read_string_symbol(lib, symbol)
+        .map_err(|e| format!("no {symbol} (built with an older declare_plugin!?): {e}"))?;
     match found == layout_probe() {
         true => Ok(()),
         false => Err(format!(

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::declare::{LibraryCall, PluginEntry, call_platform, call_register, compiled_in_plugins};
 use crate::fingerprint::{
     BUILD_FINGERPRINT, check_layout, fingerprint_difference, host_shared_crates_hash,
+    read_string_symbol,
 };
 use crate::group::PluginGroup;
 use crate::log::{Level, log};
@@ -277,22 +278,11 @@ fn open_library(
     let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| lib_err(e.to_string()))?;
     let lib: &'static libloading::Library = Box::leak(Box::new(lib));
     let fp_sym = format!("trellis_plugin_fingerprint_{}", m.crate_name);
-    // SAFETY: the symbol is the `extern "C" fn() -> *const c_char` that declare_plugin! exports.
-    let fp: libloading::Symbol<'static, extern "C" fn() -> *const std::ffi::c_char> =
-        unsafe { lib.get(fp_sym.as_bytes()) }.map_err(|e| {
-            lib_err(format!(
-                "no {fp_sym} (not built with declare_plugin!?): {e}"
-            ))
-        })?;
-    let ptr = fp();
-    let found = if ptr.is_null() {
-        String::new()
-    } else {
-        // SAFETY: the library returns a pointer to a static NUL-terminated string.
-        unsafe { std::ffi::CStr::from_ptr(ptr) }
-            .to_string_lossy()
-            .into_owned()
-    };
+    let found = read_string_symbol(lib, &fp_sym).map_err(|e| {
+        lib_err(format!(
+            "no {fp_sym} (not built with declare_plugin!?): {e}"
+        ))
+    })?;
     if found != BUILD_FINGERPRINT {
         return Err(PluginLoadError::Incompatible {
             name: name.to_string(),
@@ -729,23 +719,12 @@ pub fn library_entries(
         .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
     let lib: &'static libloading::Library = Box::leak(Box::new(lib));
     let fp_sym = format!("trellis_plugin_fingerprint_{crate_name}");
-    // SAFETY: the symbol declare_plugin! exports.
-    let fp: libloading::Symbol<'static, extern "C" fn() -> *const std::ffi::c_char> =
-        unsafe { lib.get(fp_sym.as_bytes()) }.map_err(|e| {
-            format!(
-                "{}: no {fp_sym} (does it call declare_plugin!?): {e}",
-                path.display()
-            )
-        })?;
-    let ptr = fp();
-    let found = if ptr.is_null() {
-        String::new()
-    } else {
-        // SAFETY: a static NUL-terminated string.
-        unsafe { std::ffi::CStr::from_ptr(ptr) }
-            .to_string_lossy()
-            .into_owned()
-    };
+    let found = read_string_symbol(lib, &fp_sym).map_err(|e| {
+        format!(
+            "{}: no {fp_sym} (does it call declare_plugin!?): {e}",
+            path.display()
+        )
+    })?;
     if found != BUILD_FINGERPRINT {
         return Err(format!(
             "{} was built for another trellis: {} differ; build it against the trellis-plugin \
