@@ -33,6 +33,17 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def finished_requests(base: str) -> tuple[float, float]:
+    """(Sum of vllm:request_success_total over finish reasons, vllm:num_requests_running)."""
+    done, running = 0.0, 0.0
+    for line in requests.get(base + "/metrics", timeout=60).text.splitlines():
+        if line.startswith("vllm:request_success_total"):
+            done += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vllm:num_requests_running") or line.startswith("vllm:num_requests_waiting"):
+            running += float(line.rsplit(" ", 1)[1])
+    return done, running
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -42,12 +53,16 @@ class Traffic:
         self.base, self.port = base, port
         self.rng = random.Random(seed)
         self.counts: dict[str, int] = {}
+        # Requests the engine should count as finished (each of a request's n completions).
+        self.expected_finished = 0
         self.failures: list[str] = []
         self.lock = threading.Lock()
+        self.shared = self
 
-    def count(self, kind: str):
+    def count(self, kind: str, finished: int = 0):
         with self.lock:
             self.counts[kind] = self.counts.get(kind, 0) + 1
+            self.shared.expected_finished += finished
 
     def fail(self, what: str):
         with self.lock:
@@ -61,17 +76,20 @@ class Traffic:
         try:
             if r < 0.25:
                 kind = "completion"
+                n = self.rng.choice([1, 1, 2, 3])
                 p = f"{PREFIX} Question {self.rng.randint(0, 50)}: what is {self.rng.randint(1, 99)} plus one?"
                 resp = self.post("/v1/completions", {"model": MODEL, "prompt": p, "max_tokens": self.rng.randint(1, 24),
                                                      "temperature": self.rng.choice([0, 0.8]),
-                                                     "n": self.rng.choice([1, 1, 2, 3]), "logprobs": self.rng.choice([None, 2])})
-                ok = resp.status_code == 200 and len(resp.json()["choices"]) >= 1
+                                                     "n": n, "logprobs": self.rng.choice([None, 2])})
+                ok = resp.status_code == 200 and len(resp.json()["choices"]) == n
+                finished = n
             elif r < 0.45:
                 kind = "chat"
                 msgs = [{"role": "system", "content": PREFIX},
                         {"role": "user", "content": f"Name a colour, number {self.rng.randint(0, 1000)}."}]
                 resp = self.post("/v1/chat/completions", {"model": MODEL, "messages": msgs, "max_tokens": self.rng.randint(1, 16)})
                 ok = resp.status_code == 200 and resp.json()["choices"][0]["message"]["role"] == "assistant"
+                finished = 1
             elif r < 0.65:
                 kind = "stream"
                 path, body = self.rng.choice([
@@ -83,6 +101,7 @@ class Traffic:
                 with self.post(path, body, stream=True) as resp:
                     data = b"".join(resp.iter_content(None))
                 ok = resp.status_code == 200 and b"data: [DONE]" in data
+                finished = 1
             elif r < 0.78:
                 kind = "disconnect"
                 # Start a long stream, read a little, and vanish.
@@ -93,6 +112,7 @@ class Traffic:
                               + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
                     got = s.recv(4096)
                     ok = got.startswith(b"HTTP/1.1 200")
+                finished = 1  # aborted when the server sees the client gone
             elif r < 0.93:
                 kind = "bad"
                 path, body = self.rng.choice([
@@ -106,6 +126,7 @@ class Traffic:
                 ])
                 resp = self.post(path, body)
                 ok = 400 <= resp.status_code < 500 and "error" in resp.json()
+                finished = 0
                 if resp.status_code >= 500:
                     self.fail(f"5xx for a bad request {path} {body}: {resp.status_code} {resp.text}")
             else:
@@ -113,7 +134,8 @@ class Traffic:
                 path = self.rng.choice(["/v1/models", "/health", "/metrics", "/version"])
                 resp = requests.get(self.base + path, timeout=60)
                 ok = resp.status_code == 200
-            self.count(kind)
+                finished = 0
+            self.count(kind, finished)
             if not ok:
                 self.fail(f"{kind}: unexpected answer")
         except Exception as e:  # noqa: BLE001 - every failure is reported
@@ -124,10 +146,11 @@ def run_soak(base: str, port: int, pid: int, seconds: float, warmup: float, clie
              every: float = 10.0, log=print) -> dict:
     stop = threading.Event()
     traffic = Traffic(base, port, seed=20261202)
+    done_before, _ = finished_requests(base)
 
     def client(i: int):
         t = Traffic(base, port, seed=i)
-        t.counts, t.failures, t.lock = traffic.counts, traffic.failures, traffic.lock
+        t.counts, t.failures, t.lock, t.shared = traffic.counts, traffic.failures, traffic.lock, traffic
         while not stop.is_set():
             t.one()
 
@@ -145,7 +168,15 @@ def run_soak(base: str, port: int, pid: int, seconds: float, warmup: float, clie
     stop.set()
     for t in threads:
         t.join(timeout=300)
-    time.sleep(2)  # let the server close what the clients left
+    # Let the server finish or abort what the clients left, then read its counters.
+    deadline = time.time() + 120
+    while True:
+        done_after, in_flight = finished_requests(base)
+        if in_flight == 0 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    time.sleep(1)
+    done_after, _ = finished_requests(base)
     final = (round(time.time() - start), rss_kib(pid), open_fds(pid))
     after = [s for s in samples if s[0] >= warmup] or samples[-1:]
     base_rss = after[0][1]
@@ -156,6 +187,7 @@ def run_soak(base: str, port: int, pid: int, seconds: float, warmup: float, clie
         "n_failures": len(traffic.failures), "samples": samples, "final": final,
         "rss_after_warmup_mib": base_rss / 1024, "rss_peak_mib": peak_rss / 1024, "rss_growth": growth,
         "fds_after_warmup": after[0][2], "fds_final": final[2],
+        "client_finished": traffic.expected_finished, "metrics_finished": done_after - done_before,
     }
 
 
@@ -169,12 +201,13 @@ if __name__ == "__main__":
     ap.add_argument("--seconds", type=float, default=1800)
     ap.add_argument("--warmup", type=float, default=300)
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--max-rss-growth", type=float, default=0.10)
+    ap.add_argument("--max-rss-growth", type=float, default=0.05)
     a = ap.parse_args()
     port = int(a.base.rsplit(":", 1)[1])
     rep = run_soak(a.base, port, a.pid, a.seconds, a.warmup, a.clients)
     print(json.dumps({k: v for k, v in rep.items() if k != "samples"}, indent=1))
     ok = (rep["n_failures"] == 0 and rep["rss_growth"] <= a.max_rss_growth
-          and rep["fds_final"] <= rep["fds_after_warmup"] + 8)
+          and rep["fds_final"] <= rep["fds_after_warmup"] + 8
+          and rep["client_finished"] == rep["metrics_finished"])
     print("SOAK PASSED" if ok else "SOAK FAILED")
     sys.exit(0 if ok else 1)

@@ -1,6 +1,7 @@
-"""A short soak (issue 14): mixed traffic — streams, chat, n>1, disconnects, bad requests —
-for 40 s against a real `trellis serve`; every good request succeeds, no 5xx, no descriptor
-leak. `scripts/soak.sh` runs it for 30 minutes and also checks that RSS stays flat."""
+"""The 2-minute soak CI runs (issue 14): mixed traffic — streams, chat, n>1, disconnects, bad
+requests — against a real `trellis serve`; every good request succeeds, no 5xx, no descriptor
+leak, and /metrics counts exactly the requests the clients sent. `scripts/soak.sh` runs it for
+30 minutes and also checks that RSS stays within 5% after the warm-up."""
 
 import sys
 import time
@@ -13,8 +14,9 @@ from soak import run_soak  # noqa: E402
 
 def test_a_short_soak_has_no_failures_and_leaks_no_descriptors(server):
     time.sleep(0.5)
-    rep = run_soak(server.base, server.port, server.proc.pid, seconds=40, warmup=10, clients=3, every=5)
+    rep = run_soak(server.base, server.port, server.proc.pid, seconds=120, warmup=30, clients=3, every=10)
     print({k: v for k, v in rep.items() if k != "samples"})
     assert rep["n_failures"] == 0, rep["failures"]
     assert rep["counts"].get("disconnect", 0) > 0 and rep["counts"].get("bad", 0) > 0, rep["counts"]
     assert rep["fds_final"] <= rep["fds_after_warmup"] + 8, rep["samples"]
+    assert rep["metrics_finished"] == rep["client_finished"], rep
