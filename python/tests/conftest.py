@@ -23,7 +23,7 @@ def _free_port() -> int:
 
 class Server:
     def __init__(self, *extra: str, env_extra: dict | None = None, model: str = MODEL,
-                 max_model_len: str = "2048"):
+                 max_model_len: str = "2048", kv_cache_memory: str = "256M"):
         binary = os.environ.get("TRELLIS_BIN", str(ROOT / "target" / "debug" / "trellis"))
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -32,7 +32,7 @@ class Server:
         env.update(env_extra or {})
         self.proc = subprocess.Popen(
             [binary, "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--served-model-name", model, "--max-model-len", max_model_len, "--kv-cache-memory", "256M", *extra],
+             "--served-model-name", model, "--max-model-len", max_model_len, "--kv-cache-memory", kv_cache_memory, *extra],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.time() + 180

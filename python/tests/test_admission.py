@@ -116,7 +116,7 @@ def test_a_dead_engine_is_visible_and_the_server_exits_non_zero():
             health = requests.get(s.base + "/health", timeout=10).status_code
         except requests.ConnectionError:
             health = None  # already exited
-        assert health in (503, None), health
+        assert health in (503, None), (health, statuses)
         code = s.proc.wait(timeout=120)
         assert code not in (0, None), code
         assert "the engine is dead" in s.output()
@@ -125,3 +125,23 @@ def test_a_dead_engine_is_visible_and_the_server_exits_non_zero():
         if s.proc.poll() is None:
             s.proc.kill()
         s.log.close()
+
+
+def test_a_request_that_can_never_fit_the_kv_cache_is_refused_with_both_numbers():
+    # 2 MiB of f16 cache on this model is 5 blocks of 16 tokens: 80 tokens in all.
+    s = Server(kv_cache_memory="2M")
+    try:
+        client = s.client()
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="Hello there", max_tokens=500)
+        msg = e.value.body["message"]
+        assert "tokens of KV cache" in msg and "holds only 80 tokens" in msg, msg
+        # Within the cache it runs; without max_tokens it may grow until the cache is full.
+        out = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=8, temperature=0)
+        assert out.choices[0].finish_reason in ("length", "stop")
+        out = client.completions.create(model=MODEL, prompt="Hello there", temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage.prompt_tokens + out.usage.completion_tokens == 80
+    finally:
+        assert s.stop() == 0

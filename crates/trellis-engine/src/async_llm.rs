@@ -79,6 +79,8 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
     /// Lower is served first under the priority policy.
     pub priority: i32,
+    /// The LoRA adapter to run with (the server resolves `model` to it); `None`: the base.
+    pub lora: Option<trellis_plugin::LoraRequest>,
 }
 
 /// A request for [`AsyncLLM::encode_with`]: one prompt to pool.
@@ -117,6 +119,11 @@ enum Command {
     },
     Abort(String),
     Stats(oneshot::Sender<EngineStats>),
+    AddLora {
+        lora_int_id: u32,
+        adapter: Arc<trellis_models::LoraAdapter>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
     Shutdown,
 }
 
@@ -173,7 +180,10 @@ pub struct AsyncLLM {
     tokenizer: Arc<Tokenizer>,
     prometheus: Option<Arc<PrometheusMetrics>>,
     stat_logger_names: Vec<String>,
+    lora: Option<LoraFacts>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// False once the engine loop has ended (set before its command channel closes).
+    alive: Arc<std::sync::atomic::AtomicBool>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -194,6 +204,8 @@ impl AsyncLLM {
     ) -> Result<Self, EngineError> {
         let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
         let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let thread_alive = alive.clone();
         let thread = std::thread::Builder::new()
             .name("trellis-engine".into())
             .spawn(move || {
@@ -207,7 +219,12 @@ impl AsyncLLM {
                             engine.enable_stats();
                             s.log_engine_initialized();
                         }
+                        let lora = engine.core().runner().lora_manager().map(|m| LoraFacts {
+                            specs: Arc::new(m.specs().to_vec()),
+                            max_rank: m.config().max_lora_rank,
+                        });
                         let facts = Facts {
+                            lora,
                             config: engine.config().clone(),
                             tokenizer: engine.tokenizer().clone(),
                             prometheus: stats.as_ref().map(|s| s.prometheus()),
@@ -216,7 +233,7 @@ impl AsyncLLM {
                             }),
                         };
                         if ready_tx.send(Ok(facts)).is_ok() {
-                            EngineLoop::new(engine, stats).run(cmd_rx);
+                            EngineLoop::new(engine, stats).run(cmd_rx, &thread_alive);
                         }
                     }
                     Err(e) => {
@@ -239,7 +256,9 @@ impl AsyncLLM {
             tokenizer: facts.tokenizer,
             prometheus: facts.prometheus,
             stat_logger_names: facts.stat_logger_names,
+            lora: facts.lora,
             thread: std::sync::Mutex::new(Some(thread)),
+            alive,
             next_id: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -296,8 +315,43 @@ impl AsyncLLM {
             prompt,
             params,
             priority: 0,
+            lora: None,
         })
         .await
+    }
+
+    /// Whether LoRA is enabled (`--enable-lora`).
+    pub fn lora_enabled(&self) -> bool {
+        self.lora.is_some()
+    }
+
+    /// vLLM's `add_lora`: loads the adapter of `req` (off the engine thread) and puts it in
+    /// the engine's CPU cache as `req.lora_int_id`, replacing a cached adapter of that id (a
+    /// reload in place: requests already running keep the weights they started with).
+    pub async fn add_lora(&self, req: &trellis_plugin::LoraRequest) -> Result<(), EngineError> {
+        let Some(lora) = &self.lora else {
+            return Err(EngineError::LoraNotEnabled(format!(
+                "Got lora_request {} but LoRA is not enabled!",
+                req.lora_name
+            )));
+        };
+        let (specs, max_rank) = (lora.specs.clone(), lora.max_rank);
+        let path = std::path::PathBuf::from(&req.lora_path);
+        let adapter = tokio::task::spawn_blocking(move || {
+            crate::lora::LoraManager::load_adapter(&specs, max_rank, &path)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("adapter loading panicked: {e}")))??;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let dead = || EngineError::Internal("the engine is not running".into());
+        self.commands
+            .send(Command::AddLora {
+                lora_int_id: req.lora_int_id,
+                adapter: Arc::new(adapter),
+                reply: reply_tx,
+            })
+            .map_err(|_| dead())?;
+        reply_rx.await.map_err(|_| dead())?
     }
 
     /// Starts a request; validation errors (parameters, context length) come back here.
@@ -356,7 +410,10 @@ impl AsyncLLM {
     /// True while the engine thread runs.
     pub fn is_alive(&self) -> bool {
         match self.thread.lock() {
-            Ok(t) => t.as_ref().is_some_and(|h| !h.is_finished()),
+            Ok(t) => {
+                self.alive.load(std::sync::atomic::Ordering::SeqCst)
+                    && t.as_ref().is_some_and(|h| !h.is_finished())
+            }
             Err(_) => false,
         }
     }
@@ -382,7 +439,15 @@ impl Drop for AsyncLLM {
 }
 
 /// What the engine thread reports once the engine is built.
+/// What adapter loading off the engine thread needs: the model's LoRA modules and the rank
+/// limit.
+struct LoraFacts {
+    specs: Arc<Vec<trellis_plugin::LoraModuleSpec>>,
+    max_rank: usize,
+}
+
 struct Facts {
+    lora: Option<LoraFacts>,
     config: ResolvedConfig,
     tokenizer: Arc<Tokenizer>,
     prometheus: Option<Arc<PrometheusMetrics>>,
@@ -529,10 +594,18 @@ impl EngineLoop {
         }
     }
 
-    fn run(mut self, commands: std_mpsc::Receiver<Command>) {
+    /// Runs until shutdown or death; `alive` turns false before the command channel closes,
+    /// so whoever sees a request refused as `EngineDead` also sees [`AsyncLLM::is_alive`] false.
+    fn run(self, commands: std_mpsc::Receiver<Command>, alive: &std::sync::atomic::AtomicBool) {
+        self.run_loop(&commands);
+        alive.store(false, std::sync::atomic::Ordering::SeqCst);
+        drop(commands);
+    }
+
+    fn run_loop(mut self, commands: &std_mpsc::Receiver<Command>) {
         loop {
             if self.streams.is_empty() {
-                match self.wait(&commands) {
+                match self.wait(commands) {
                     Ok(Some(cmd)) => {
                         if !self.handle(cmd) {
                             return self.stop();
@@ -596,6 +669,14 @@ impl EngineLoop {
             Command::Stats(reply) => {
                 let _ = reply.send(self.stats());
             }
+            Command::AddLora {
+                lora_int_id,
+                adapter,
+                reply,
+            } => {
+                let result = self.engine.insert_lora(lora_int_id, adapter);
+                let _ = reply.send(result);
+            }
             Command::Shutdown => return false,
         }
         true
@@ -620,7 +701,7 @@ impl EngineLoop {
             Submitted::Generate(r) => {
                 let n = r.params.n;
                 self.engine
-                    .add_request_with(&id, r.prompt, r.params, r.priority, now)?;
+                    .add_request_lora(&id, r.prompt, r.params, (r.priority, now), r.lora)?;
                 n
             }
             Submitted::Pooling(r) => {

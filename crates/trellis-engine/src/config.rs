@@ -80,6 +80,9 @@ pub struct EngineConfig {
     /// `LLM(io_processor_plugin=...)`); wins over the `io_processor_plugin` key of the model's
     /// config.json. `trellis serve` takes `--io-processor-plugin`.
     pub io_processor_plugin: Option<String>,
+    /// LoRA (`--enable-lora` and its knobs); `None`: off, and a request with an adapter is
+    /// refused.
+    pub lora: Option<crate::lora::LoraConfig>,
 }
 
 /// `--runner` (vLLM's names).
@@ -194,6 +197,7 @@ impl EngineConfig {
             runner: RunnerOption::Auto,
             convert: ConvertOption::Auto,
             io_processor_plugin: None,
+            lora: None,
         }
     }
 

@@ -33,8 +33,8 @@ pub struct EngineCoreRequest {
     pub params: SamplingParams,
     /// The model's EOS token ids.
     pub eos_token_ids: Vec<u32>,
-    /// LoRA adapter id (0 = none).
-    pub lora_id: u32,
+    /// The LoRA adapter to run with (vLLM's `lora_request`), loaded on first use.
+    pub lora: Option<trellis_plugin::LoraRequest>,
     /// Lower is served first under the priority policy.
     pub priority: i32,
     /// Arrival time in seconds.
@@ -99,6 +99,11 @@ impl EngineCore {
         &self.scheduler
     }
 
+    /// The LoRA manager of the runner, when LoRA is enabled.
+    pub fn lora_manager_mut(&mut self) -> Option<&mut crate::lora::LoraManager> {
+        self.runner.lora_manager_mut()
+    }
+
     /// The model runner (read-only).
     pub fn runner(&self) -> &ModelRunner {
         &self.runner
@@ -113,6 +118,18 @@ impl EngineCore {
                 "prompt token id {bad} is out of vocabulary range [0, {vocab})"
             )));
         }
+        let lora = match &req.lora {
+            None => None,
+            Some(l) => match self.runner.lora_manager_mut() {
+                Some(m) => Some(m.add_lora(l)?),
+                None => {
+                    return Err(EngineError::LoraNotEnabled(format!(
+                        "Got lora_request {} but LoRA is not enabled!",
+                        l.lora_name
+                    )));
+                }
+            },
+        };
         let p = &req.params;
         let pooling = req.pooling_params.is_some();
         if pooling != self.runner.pooler().is_some() {
@@ -143,7 +160,7 @@ impl EngineCore {
             request_id: req.request_id.clone(),
             prompt_token_ids: req.prompt_token_ids.clone(),
             stop,
-            lora_id: req.lora_id,
+            lora_id: lora.as_ref().map_or(0, |l| l.version),
             priority: req.priority,
             arrival_time: req.arrival_time,
             cache_salt: None,
@@ -164,6 +181,7 @@ impl EngineCore {
                 generator: Generator::new(seed),
                 prompt_logprobs_done: 0,
                 pooling: req.pooling_params,
+                lora,
                 grammar,
             },
         );

@@ -56,6 +56,12 @@ pub enum EngineError {
     /// The IO processor plugin could not be selected or built (vLLM's startup texts).
     #[error("{0}")]
     IoProcessor(String),
+    /// A LoRA adapter could not be loaded (its own text, vLLM's where vLLM has one).
+    #[error(transparent)]
+    Lora(#[from] trellis_models::LoraError),
+    /// A request names an adapter but LoRA is off (`--enable-lora`).
+    #[error("{0}")]
+    LoraNotEnabled(String),
     /// A broken internal expectation (a bug): reported, never a panic.
     #[error("internal error: {0}")]
     Internal(String),

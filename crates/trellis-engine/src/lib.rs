@@ -20,6 +20,7 @@ pub mod engine_core;
 pub mod error;
 pub mod io_processor;
 pub mod llm;
+pub mod lora;
 pub mod metrics;
 pub mod model_runner;
 pub mod output_processor;
@@ -43,6 +44,7 @@ pub use engine_core::{EngineCore, EngineCoreRequest, StepOutput};
 pub use error::EngineError;
 pub use io_processor::select_io_processor;
 pub use llm::{LLM, LLMEngine, Prompt, ResolvedConfig};
+pub use lora::{ActiveLora, LoraConfig, LoraManager};
 pub use metrics::{PrometheusMetrics, StatLoggerManager, StatsCollector};
 pub use outputs::{
     CompletionDelta, CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestOutput,
@@ -52,8 +54,10 @@ pub use platform_setup::{builtin_registries, plugin_registries, with_plugins};
 pub use pooling_params::{PoolingParams, PoolingParamsError, PoolingTask};
 pub use sampling_params::{SamplingParams, SamplingParamsError};
 pub use structured_output::{StructuredOutputBackend, StructuredOutputsParams};
+pub use trellis_models::LoraError;
 pub use trellis_plugin::Registries;
 pub use trellis_plugin::{
     IoPoolingOutput, IoPoolingParams, IoProcessor, IoPrompt, IoResult, Pooler, PoolingType,
 };
+pub use trellis_plugin::{LoraRequest, LoraResolver, LoraResolverRegistry, ResolveFuture};
 pub use trellis_sched::FinishReason;

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use trellis_models::WeightFormat;
-use trellis_plugin::{IoProcessor, Model, ModelConfig, Pooler, PoolingType, Registries};
+use trellis_plugin::{
+    IoProcessor, LoraRequest, Model, ModelConfig, Pooler, PoolingType, Registries,
+};
 use trellis_sched::{Scheduler, SchedulerConfig};
 
 use crate::config::{ConvertOption, EngineConfig, RunnerOption, RunnerType, UsageContext};
@@ -192,7 +194,8 @@ impl LLMEngine {
             sched_run = sched_cfg.clone();
             sched_run.max_model_len = max_model_len + 1;
         }
-        let scheduler = Scheduler::new(sched_run)?;
+        let mut scheduler = Scheduler::new(sched_run)?;
+        scheduler.set_max_loras(config.lora.as_ref().map(|l| l.max_loras));
         let backend = setup.attention.backend;
         let pooler = match runner_type {
             RunnerType::Pooling => Some(loaded.model.pooler().unwrap_or(Pooler {
@@ -209,6 +212,17 @@ impl LLMEngine {
             kv_cache_dtype,
             &device,
         )?;
+        if let Some(lora) = &config.lora {
+            let manager = crate::lora::LoraManager::new(runner.model(), lora.clone())?;
+            log(&format!(
+                "LoRA enabled: {} slots of rank <= {} ({:.1} MiB), up to {} adapters cached on the CPU",
+                lora.max_loras,
+                lora.max_lora_rank,
+                manager.pool_bytes() as f64 / (1 << 20) as f64,
+                lora.cpu_capacity()
+            ));
+            runner.set_lora_manager(manager);
+        }
         if let Some(p) = pooler {
             log(&format!(
                 "Pooling runner: {} pooling{}",
@@ -224,13 +238,21 @@ impl LLMEngine {
         let mut core = EngineCore::new(scheduler, runner);
         if runner_type == RunnerType::Generate {
             let t = std::time::Instant::now();
-            let backend = StructuredOutputBackend::new(&tokenizer, model_cfg.vocab_size)?;
-            core.set_structured_output_backend(backend);
-            log(&format!(
-                "Structured outputs: llguidance token trie of {} tokens built in {:.0} ms",
-                model_cfg.vocab_size,
-                t.elapsed().as_secs_f64() * 1e3
-            ));
+            // A tokenizer llguidance cannot read (a plugin model's toy tokenizer without a
+            // decoder, say) leaves the engine without structured outputs, not without a start.
+            match StructuredOutputBackend::new(&tokenizer, model_cfg.vocab_size) {
+                Ok(backend) => {
+                    core.set_structured_output_backend(backend);
+                    log(&format!(
+                        "Structured outputs: llguidance token trie of {} tokens built in {:.0} ms",
+                        model_cfg.vocab_size,
+                        t.elapsed().as_secs_f64() * 1e3
+                    ));
+                }
+                Err(e) => log(&format!(
+                    "WARNING structured outputs are not available for this tokenizer: {e}"
+                )),
+            }
         }
         let tokenizer = Arc::new(tokenizer);
         let seeds = Generator::new(config.seed);
@@ -370,7 +392,20 @@ impl LLMEngine {
         self.add_request_with(request_id, prompt, params, 0, 0.0)
     }
 
-    /// [`Self::add_request`] with a priority and an arrival time.
+    /// Puts an adapter loaded off the engine thread in the CPU cache as `lora_int_id`.
+    pub fn insert_lora(
+        &mut self,
+        lora_int_id: u32,
+        adapter: Arc<trellis_models::LoraAdapter>,
+    ) -> Result<(), EngineError> {
+        let manager = self.core.lora_manager_mut().ok_or_else(|| {
+            EngineError::LoraNotEnabled("LoRA is not enabled (--enable-lora)".into())
+        })?;
+        manager.insert(lora_int_id, adapter);
+        Ok(())
+    }
+
+    /// [`Self::add_request_with`] without an adapter.
     pub fn add_request_with(
         &mut self,
         request_id: &str,
@@ -379,6 +414,20 @@ impl LLMEngine {
         priority: i32,
         arrival_time: f64,
     ) -> Result<(), EngineError> {
+        self.add_request_lora(request_id, prompt, params, (priority, arrival_time), None)
+    }
+
+    /// [`Self::add_request`] with a priority and an arrival time (`when`), and the LoRA adapter
+    /// it runs with (loaded on first use).
+    pub fn add_request_lora(
+        &mut self,
+        request_id: &str,
+        prompt: Prompt,
+        params: SamplingParams,
+        when: (i32, f64),
+        lora: Option<LoraRequest>,
+    ) -> Result<(), EngineError> {
+        let (priority, arrival_time) = when;
         params.validate(self.config.model.vocab_size)?;
         let prompt_ids = self.tokenize(&prompt)?;
         self.admit_or_count(request_id, &prompt_ids, params.n, params.max_tokens)?;
@@ -398,7 +447,7 @@ impl LLMEngine {
                 prompt_token_ids: prompt_ids.clone(),
                 params: child,
                 eos_token_ids: self.tokenizer.eos_token_ids().to_vec(),
-                lora_id: 0,
+                lora: lora.clone(),
                 priority,
                 arrival_time,
                 fallback_seed: self.seeds.next_u64(),
@@ -480,7 +529,7 @@ impl LLMEngine {
             prompt_token_ids: prompt_ids.clone(),
             params: SamplingParams::default(),
             eos_token_ids: Vec::new(),
-            lora_id: 0,
+            lora: None,
             priority,
             arrival_time,
             fallback_seed: 0,
@@ -759,8 +808,27 @@ impl LLM {
         &mut self,
         prompts: &[P],
         params: &[SamplingParams],
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<RequestOutput>, EngineError> {
+        self.generate_lora(prompts, params, &vec![None; prompts.len()], progress)
+    }
+
+    /// Generates with per-prompt parameters and per-prompt LoRA adapters (`None`: the base
+    /// model), calling `progress(done, total)` as requests finish.
+    pub fn generate_lora<P: Into<Prompt> + Clone>(
+        &mut self,
+        prompts: &[P],
+        params: &[SamplingParams],
+        loras: &[Option<LoraRequest>],
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Vec<RequestOutput>, EngineError> {
+        if prompts.len() != loras.len() {
+            return Err(EngineError::Config(format!(
+                "{} prompts but {} LoRA requests",
+                prompts.len(),
+                loras.len()
+            )));
+        }
         if prompts.len() != params.len() {
             return Err(EngineError::Config(format!(
                 "{} prompts but {} sampling parameter sets",
@@ -769,13 +837,17 @@ impl LLM {
             )));
         }
         let mut ids: Vec<String> = Vec::with_capacity(prompts.len());
-        for (prompt, p) in prompts.iter().zip(params) {
+        for ((prompt, p), lora) in prompts.iter().zip(params).zip(loras) {
             let id = self.next_id.to_string();
             self.next_id += 1;
-            if let Err(e) = self
-                .engine
-                .add_request(&id, prompt.clone().into(), p.clone())
-            {
+            let when = (0, 0.0);
+            if let Err(e) = self.engine.add_request_lora(
+                &id,
+                prompt.clone().into(),
+                p.clone(),
+                when,
+                lora.clone(),
+            ) {
                 for added in &ids {
                     self.engine.abort(added);
                 }

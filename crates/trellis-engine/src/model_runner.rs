@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use candle_core::Device;
 use trellis_plugin::{
     AttentionBackend, AttentionImpl, AttentionMetadata, AttentionShape, ForwardContext,
-    KvCacheSpec, Model, Pooler, SeqAttentionMetadata,
+    KvCacheSpec, LoraMapping, Model, NO_LORA_SLOT, Pooler, SeqAttentionMetadata,
 };
 use trellis_sched::{ModelRunnerOutput, RequestId, SchedulerOutput};
 
 use crate::error::EngineError;
+use crate::lora::{ActiveLora, LoraManager};
 use crate::pooling_params::PoolingParams;
 use crate::sampler::{Generator, PositionLogprobs, SamplingContext, position_logprobs, sample};
 use crate::sampling_params::SamplingParams;
@@ -38,6 +39,8 @@ pub struct RunnerRequest {
     pub prompt_logprobs_done: usize,
     /// Set for a pooling request: pooled once its prompt is computed, never sampled.
     pub pooling: Option<PoolingParams>,
+    /// The adapter (version and weights) the request runs with, pinned when it was added.
+    pub lora: Option<ActiveLora>,
     /// Set for a constrained request (`structured_outputs`): its grammar state.
     pub grammar: Option<GrammarMatcher>,
 }
@@ -73,6 +76,11 @@ pub struct ModelRunner {
     requests: HashMap<RequestId, RunnerRequest>,
     /// The pooling head of a pooling runner (`None`: the runner generates).
     pooler: Option<Pooler>,
+    /// Adapters and slots, when LoRA is enabled.
+    lora: Option<LoraManager>,
+    /// Per step: the slot of each scheduled request with an adapter, then of each token row.
+    lora_step_slots: Vec<u32>,
+    lora_token_slots: Vec<u32>,
 }
 
 impl ModelRunner {
@@ -117,7 +125,57 @@ impl ModelRunner {
             block_size,
             requests: HashMap::new(),
             pooler: None,
+            lora: None,
+            lora_step_slots: Vec::new(),
+            lora_token_slots: Vec::new(),
         })
+    }
+
+    /// Enables LoRA with `manager` (its slot pool sized for this model).
+    pub fn set_lora_manager(&mut self, manager: LoraManager) {
+        self.lora = Some(manager);
+    }
+
+    /// The LoRA manager, when LoRA is enabled.
+    pub fn lora_manager(&self) -> Option<&LoraManager> {
+        self.lora.as_ref()
+    }
+
+    /// The LoRA manager, mutable (adding and removing adapters).
+    pub fn lora_manager_mut(&mut self) -> Option<&mut LoraManager> {
+        self.lora.as_mut()
+    }
+
+    /// Puts the step's adapters in slots and maps every token row to its slot; false when no
+    /// scheduled request has an adapter (the forward then gets no mapping at all).
+    fn prepare_lora(&mut self, plan: &SchedulerOutput) -> Result<bool, EngineError> {
+        let Some(manager) = self.lora.as_mut() else {
+            return Ok(false);
+        };
+        let wanted: Vec<&ActiveLora> = plan
+            .scheduled
+            .iter()
+            .filter_map(|sr| self.requests.get(&sr.request_id)?.lora.as_ref())
+            .collect();
+        if wanted.is_empty() {
+            return Ok(false);
+        }
+        manager.assign_slots(&wanted, &mut self.lora_step_slots)?;
+        self.lora_token_slots.clear();
+        let mut next = self.lora_step_slots.iter();
+        for sr in &plan.scheduled {
+            let has = self
+                .requests
+                .get(&sr.request_id)
+                .is_some_and(|r| r.lora.is_some());
+            let slot = match has {
+                true => next.next().copied().unwrap_or(NO_LORA_SLOT),
+                false => NO_LORA_SLOT,
+            };
+            self.lora_token_slots
+                .extend(std::iter::repeat_n(slot, sr.token_ids.len()));
+        }
+        Ok(true)
     }
 
     /// Makes this a pooling runner with `pooler`: every request is pooled, none sampled.
@@ -192,6 +250,7 @@ impl ModelRunner {
             attn_metadata: metadata,
             attn_layers: &mut self.attn_layers,
             logits_indices: &[],
+            lora: None,
         };
         let hidden = self
             .model
@@ -274,6 +333,14 @@ impl ModelRunner {
             };
             rows.push((first_prompt_row, num_prompt_rows, sample_row));
         }
+        let with_lora = self.prepare_lora(plan)?;
+        let lora = match (&self.lora, with_lora) {
+            (Some(m), true) => Some(LoraMapping {
+                pool: &m.pool,
+                token_slots: &self.lora_token_slots,
+            }),
+            _ => None,
+        };
         // The grammar masks of the constrained requests that sample this step, computed on this
         // thread before the forward: about 0.1 ms a request on SmolLM2's 49k vocabulary, and the
         // forward's compute pool already holds every core, so another thread would only contend
@@ -292,6 +359,7 @@ impl ModelRunner {
             attn_metadata: &metadata,
             attn_layers: &mut self.attn_layers,
             logits_indices: &logits_indices,
+            lora,
         };
         let logits = self.model.forward(&input_ids, &positions, &mut ctx)?;
         let mut logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;

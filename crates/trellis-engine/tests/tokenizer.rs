@@ -263,3 +263,18 @@ fn decode_out_of_range_id_does_not_panic() {
     // Whatever `tokenizers` does with unknown ids, it must not panic.
     let _ = tok.decode(&[u32::MAX, 504], true);
 }
+
+/// Found by `trellis-fuzz tokenizer-json`: a tokenizer.json whose `decoder` holds a broken
+/// string made the `tokenizers` library panic (`expect("Helper")`); it is now an error that
+/// names the file.
+#[test]
+fn a_malformed_tokenizer_json_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let crash = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/fuzz/tokenizer-json-decoder-panic.json");
+    std::fs::copy(&crash, dir.path().join("tokenizer.json")).unwrap();
+    let err = trellis_engine::tokenizer::Tokenizer::from_hf_dir(dir.path())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+}

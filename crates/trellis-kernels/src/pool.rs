@@ -7,7 +7,10 @@
 //! deschedules delays only the item it holds, never a barrier everyone waits at. The caller
 //! waits for stragglers by spinning briefly, then yielding its core.
 //!
-//! The pool size is `TRELLIS_NUM_THREADS` when set, else the cores this process may run on
+//! The pool size is `TRELLIS_NUM_THREADS` when set; else, when vLLM's
+//! `VLLM_CPU_OMP_THREADS_BIND` is a CPU list (`0-3`, `0,2,4-6`), one thread per listed CPU
+//! this process may run on, each worker pinned to its CPU (the caller's thread keeps its own
+//! mask); else (`auto`, `nobind`, unset) the cores this process may run on
 //! (`std::thread::available_parallelism`, which honours affinity masks and cgroup quotas).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -68,18 +71,115 @@ pub fn default_threads() -> usize {
     {
         return n;
     }
+    if let Some(cpus) = bind_cpus() {
+        return cpus.len();
+    }
     thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// The process-wide compute pool, created on first use with [`default_threads`] threads.
+/// Parses a Linux CPU list (`0-3,8,10-11`); `None` if it is not one.
+pub fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim) {
+        let (a, b): (usize, usize) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+            None => {
+                let a = part.parse().ok()?;
+                (a, a)
+            }
+        };
+        if a > b || b >= 1 << 16 {
+            return None;
+        }
+        cpus.extend(a..=b);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    (!cpus.is_empty()).then_some(cpus)
+}
+
+/// The CPUs of `VLLM_CPU_OMP_THREADS_BIND` this process may run on, when it is a CPU list.
+fn bind_cpus() -> Option<Vec<usize>> {
+    let list = std::env::var("VLLM_CPU_OMP_THREADS_BIND").ok()?;
+    let cpus = parse_cpu_list(&list)?;
+    let allowed = affinity::allowed();
+    let cpus: Vec<usize> = cpus
+        .into_iter()
+        .filter(|c| allowed.as_ref().is_none_or(|a| a.contains(c)))
+        .collect();
+    (!cpus.is_empty()).then_some(cpus)
+}
+
+/// The process-wide compute pool, created on first use with [`default_threads`] threads
+/// (pinned to the CPUs of `VLLM_CPU_OMP_THREADS_BIND` when it lists them).
 pub fn global() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| Pool::new(default_threads()))
+    POOL.get_or_init(|| match std::env::var_os("TRELLIS_NUM_THREADS") {
+        None => match bind_cpus() {
+            Some(cpus) => Pool::pinned(&cpus),
+            None => Pool::new(default_threads()),
+        },
+        Some(_) => Pool::new(default_threads()),
+    })
+}
+
+/// CPU affinity (Linux); elsewhere nothing is pinned.
+mod affinity {
+    /// The CPUs this process may run on, if the OS says.
+    #[cfg(target_os = "linux")]
+    pub fn allowed() -> Option<Vec<usize>> {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                return None;
+            }
+            Some(
+                (0..libc::CPU_SETSIZE as usize)
+                    .filter(|&c| libc::CPU_ISSET(c, &set))
+                    .collect(),
+            )
+        }
+    }
+
+    /// Pins the calling thread to `cpu`; false if the OS refused.
+    #[cfg(target_os = "linux")]
+    pub fn pin_current(cpu: usize) -> bool {
+        // SAFETY: as above; the set holds one CPU below CPU_SETSIZE.
+        unsafe {
+            if cpu >= libc::CPU_SETSIZE as usize {
+                return false;
+            }
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn allowed() -> Option<Vec<usize>> {
+        None
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn pin_current(_cpu: usize) -> bool {
+        false
+    }
 }
 
 impl Pool {
     /// A pool that runs loops on `threads` threads in all (the caller included).
     pub fn new(threads: usize) -> Self {
+        Self::build(threads, &[])
+    }
+
+    /// A pool of `cpus.len()` threads, worker `i` pinned to `cpus[i + 1]` (the first CPU is
+    /// the caller's share; its thread is not pinned). A CPU the OS refuses is not pinned.
+    pub fn pinned(cpus: &[usize]) -> Self {
+        Self::build(cpus.len(), cpus.get(1..).unwrap_or_default())
+    }
+
+    fn build(threads: usize, pins: &[usize]) -> Self {
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
             job: Mutex::new(None),
@@ -91,9 +191,15 @@ impl Pool {
         let workers = (1..threads.max(1))
             .filter_map(|i| {
                 let s = shared.clone();
+                let pin = pins.get(i - 1).copied();
                 thread::Builder::new()
                     .name(format!("trellis-compute-{i}"))
-                    .spawn(move || worker(&s))
+                    .spawn(move || {
+                        if let Some(cpu) = pin {
+                            affinity::pin_current(cpu);
+                        }
+                        worker(&s)
+                    })
                     .ok()
                     .map(|h| h.thread().clone())
             })
@@ -368,5 +474,32 @@ mod tests {
             n.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(n.load(Ordering::Relaxed), 8);
+    }
+}
+
+#[cfg(test)]
+mod bind_tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_as_linux_writes_them() {
+        assert_eq!(parse_cpu_list("0-3"), Some(vec![0, 1, 2, 3]));
+        assert_eq!(parse_cpu_list("0,2, 4-5,2"), Some(vec![0, 2, 4, 5]));
+        assert_eq!(parse_cpu_list("auto"), None);
+        assert_eq!(parse_cpu_list("nobind"), None);
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list(""), None);
+    }
+
+    #[test]
+    fn a_pinned_pool_runs_every_item() {
+        let cpus = affinity::allowed().unwrap_or_else(|| vec![0]);
+        let pool = Pool::pinned(&cpus);
+        assert_eq!(pool.threads(), cpus.len());
+        let hits: Vec<AtomicUsize> = (0..100).map(|_| AtomicUsize::new(0)).collect();
+        pool.run(100, |i| {
+            hits[i].fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
     }
 }

@@ -22,12 +22,14 @@ pub mod error;
 pub mod gguf;
 pub mod layers;
 pub mod llama;
+pub mod lora;
 pub mod qwen2;
 pub mod registry;
 pub mod weights;
 
 pub use error::ModelError;
 pub use gguf::GgufSource;
+pub use lora::{LoraAdapter, LoraError};
 pub use registry::{
     LazyModelFactory, LoadedModel, ModelConfigSource, ModelFactory, ModelLoadContext,
     ModelRegistry, WeightFormat, builtin_model_registry, load_model, load_model_with,

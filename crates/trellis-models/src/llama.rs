@@ -266,6 +266,10 @@ impl Model for Llama {
         )
     }
 
+    fn lora_modules(&self) -> Vec<trellis_plugin::LoraModuleSpec> {
+        crate::layers::decoder_lora_modules(&self.layers, self.rotary.style())
+    }
+
     fn compute_logits(&self, hidden_states: &Tensor) -> Result<Tensor> {
         lm_head_logits(
             &self.scratch,

@@ -9,19 +9,7 @@ use common::{PagedRunner, Rng, SeqState, Tiny};
 use trellis_models::{WeightFormat, load_model};
 
 fn tiny(arch: &'static str) -> Tiny {
-    Tiny {
-        arch,
-        vocab: 97,
-        hidden: 32,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        inter: 48,
-        theta: 10_000.0,
-        tie: false,
-        qkv_bias: false,
-        llama3: None,
-    }
+    Tiny::small(arch)
 }
 
 /// Runs three sequences through a schedule of mixed prefill chunks and decode steps and checks

@@ -192,6 +192,14 @@ impl Registrar for GuardingRegistrar<'_> {
         self.inner.register_stat_logger(name, guarded);
     }
 
+    fn register_lora_resolver(&mut self, name: &str, resolver: Arc<dyn crate::LoraResolver>) {
+        let guarded = lora_resolver::GuardedResolver {
+            inner: resolver,
+            owner: self.owner.clone(),
+        };
+        self.inner.register_lora_resolver(name, Arc::new(guarded));
+    }
+
     fn register_io_processor(&mut self, name: &str, factory: IoProcessorFactory) {
         let owner = self.owner.clone();
         let guarded: IoProcessorFactory = Arc::new(move |ctx: &IoProcessorContext<'_>| {
@@ -374,6 +382,14 @@ impl Model for GuardedModel {
             "Model::attn_type",
             || self.inner.attn_type(layer),
             || AttentionType::Decoder,
+        )
+    }
+
+    fn lora_modules(&self) -> Vec<crate::lora::LoraModuleSpec> {
+        self.owner.or_default(
+            "Model::lora_modules",
+            || self.inner.lora_modules(),
+            Vec::new,
         )
     }
 }
@@ -747,5 +763,6 @@ impl Platform for GuardedPlatform {
     }
 }
 
+mod lora_resolver;
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,9 @@ pub mod attention;
 pub mod attention_registry;
 pub mod error;
 pub mod io_processor;
+pub mod lora;
+pub mod lora_fs_resolver;
+pub mod lora_resolver;
 pub mod model;
 pub mod model_registry;
 pub mod platform;
@@ -25,6 +28,12 @@ pub use error::{ModelError, PluginError};
 pub use io_processor::{
     IoPoolingOutput, IoPoolingParams, IoProcessor, IoProcessorContext, IoProcessorFactory,
     IoPrompt, IoResult,
+};
+pub use lora::{
+    LoraMapping, LoraModuleSpec, LoraSlotError, LoraSlotPool, LoraTarget, ModuleSlots, NO_LORA_SLOT,
+};
+pub use lora_resolver::{
+    LoraRequest, LoraResolver, LoraResolverRegistry, ResolveFuture, ResolverNotFound,
 };
 pub use model::{ForwardContext, Model, ModelConfig, select_rows};
 pub use model_registry::{

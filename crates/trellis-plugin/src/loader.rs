@@ -669,6 +669,10 @@ impl Registrar for CountStatLoggers<'_> {
     fn register_io_processor(&mut self, name: &str, factory: crate::IoProcessorFactory) {
         self.inner.register_io_processor(name, factory);
     }
+
+    fn register_lora_resolver(&mut self, name: &str, resolver: Arc<dyn crate::LoraResolver>) {
+        self.inner.register_lora_resolver(name, resolver);
+    }
 }
 
 /// Calls every allowed `io_processor` plugin (vLLM's `get_io_processor`, run when a processor

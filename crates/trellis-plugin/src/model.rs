@@ -7,6 +7,7 @@
 use candle_core::{Result, Tensor, bail};
 
 use crate::attention::{AttentionImpl, AttentionMetadata, AttentionType};
+use crate::lora::{LoraMapping, LoraModuleSpec};
 use crate::pooler::Pooler;
 
 /// Facts about a loaded model that the engine needs.
@@ -38,6 +39,9 @@ pub struct ForwardContext<'a> {
     pub attn_layers: &'a mut [Box<dyn AttentionImpl>],
     /// Rows of the batch whose logits are wanted (for sampling or prompt logprobs), in order.
     pub logits_indices: &'a [usize],
+    /// The step's LoRA mapping (token rows → adapter slots), read by every LoRA-capable
+    /// linear layer; `None` when no row of the batch has an adapter.
+    pub lora: Option<LoraMapping<'a>>,
 }
 
 /// A model over the paged KV cache: a body that produces hidden states, and a generative head
@@ -92,6 +96,12 @@ pub trait Model: Send {
     fn attn_type(&self, layer: usize) -> AttentionType {
         let _ = layer;
         AttentionType::Decoder
+    }
+
+    /// The linear layers an adapter may target, with their shapes (vLLM's
+    /// `SupportsLoRA`); empty (the default) means the model does not support LoRA.
+    fn lora_modules(&self) -> Vec<LoraModuleSpec> {
+        Vec::new()
     }
 
     /// Logits `[logits_indices.len(), vocab_size]` as f32 of the rows `ctx.logits_indices`:

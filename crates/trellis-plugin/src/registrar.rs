@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::attention::AttentionBackend;
 use crate::error::PluginError;
 use crate::io_processor::IoProcessorFactory;
+use crate::lora_resolver::LoraResolver;
 use crate::model_registry::{LazyModelFactory, ModelFactory};
 use crate::stats::StatLoggerFactory;
 
@@ -56,6 +57,12 @@ pub trait Registrar {
     /// entry returning its class name): the host builds it from `factory` when the entry that
     /// registered it is selected (`--io-processor-plugin`). `name` names the processor in logs.
     fn register_io_processor(&mut self, name: &str, factory: IoProcessorFactory);
+
+    /// Registers a LoRA resolver under `name` (vLLM's
+    /// `LoRAResolverRegistry.register_resolver`, called from a general plugin): tried in
+    /// registration order on model names the server does not know; a second registration of
+    /// `name` replaces the first in place, with a warning.
+    fn register_lora_resolver(&mut self, name: &str, resolver: Arc<dyn LoraResolver>);
 }
 
 /// One registration a general plugin made, kept so that it can be replayed.
@@ -67,6 +74,7 @@ pub(crate) enum Registration {
     AttentionBackend(String, Arc<dyn AttentionBackend>),
     StatLogger(String, StatLoggerFactory),
     IoProcessor(String, IoProcessorFactory),
+    LoraResolver(String, Arc<dyn LoraResolver>),
 }
 
 impl Registration {
@@ -81,6 +89,7 @@ impl Registration {
             }
             Registration::StatLogger(n, f) => target.register_stat_logger(n, f.clone()),
             Registration::IoProcessor(n, f) => target.register_io_processor(n, f.clone()),
+            Registration::LoraResolver(n, r) => target.register_lora_resolver(n, r.clone()),
         }
         Ok(())
     }
@@ -149,6 +158,14 @@ impl Registrar for Recorder<'_> {
             .push(Registration::IoProcessor(name.to_string(), factory.clone()));
         self.inner.register_io_processor(name, factory);
     }
+
+    fn register_lora_resolver(&mut self, name: &str, resolver: Arc<dyn LoraResolver>) {
+        self.log.push(Registration::LoraResolver(
+            name.to_string(),
+            resolver.clone(),
+        ));
+        self.inner.register_lora_resolver(name, resolver);
+    }
 }
 
 impl Registrar for crate::registries::Registries {
@@ -190,5 +207,9 @@ impl Registrar for crate::registries::Registries {
             Some(slot) => slot.1 = factory,
             None => self.io_processors.push((name.to_string(), factory)),
         }
+    }
+
+    fn register_lora_resolver(&mut self, name: &str, resolver: Arc<dyn LoraResolver>) {
+        self.lora_resolvers.register_resolver(name, resolver);
     }
 }

@@ -29,6 +29,8 @@ pub struct Registries {
     pub stat_loggers: Vec<(String, StatLoggerFactory)>,
     /// IO processors (group `io_processor`), with the names they registered under.
     pub io_processors: Vec<(String, IoProcessorFactory)>,
+    /// LoRA resolvers (registered by general plugins), in registration order.
+    pub lora_resolvers: crate::lora_resolver::LoraResolverRegistry,
 }
 
 impl std::fmt::Debug for Registries {
@@ -52,6 +54,7 @@ impl std::fmt::Debug for Registries {
                     .map(|(n, _)| n.as_str())
                     .collect::<Vec<_>>(),
             )
+            .field("lora_resolvers", &self.lora_resolvers)
             .finish()
     }
 }

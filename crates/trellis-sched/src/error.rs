@@ -30,6 +30,25 @@ pub enum SchedError {
         /// The engine's `max_model_len`.
         max_model_len: usize,
     },
+    /// Prompt plus `max_tokens` would need more KV-cache slots than the whole cache has: the
+    /// request could never run to its end, even alone.
+    #[error(
+        "this request needs {needed} tokens of KV cache ({prompt_len} in the prompt, {max_tokens} in the completion), but the cache holds only {capacity} tokens ({num_blocks} blocks of {block_size}); lower max_tokens or shorten the prompt"
+    )]
+    ExceedsKvCache {
+        /// Number of prompt tokens.
+        prompt_len: usize,
+        /// Requested `max_tokens`.
+        max_tokens: usize,
+        /// `prompt_len + max_tokens`.
+        needed: usize,
+        /// Tokens the whole cache holds (`num_blocks * block_size`).
+        capacity: usize,
+        /// Blocks in the cache.
+        num_blocks: usize,
+        /// Tokens per block.
+        block_size: usize,
+    },
     /// `max_tokens` must allow at least one generated token.
     #[error("max_tokens must be at least 1, got {0}")]
     ZeroMaxTokens(usize),

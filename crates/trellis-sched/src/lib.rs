@@ -27,6 +27,7 @@
 mod block_pool;
 mod error;
 mod kv_cache_manager;
+pub mod lora_admission;
 mod request;
 mod scheduler;
 

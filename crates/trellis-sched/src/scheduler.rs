@@ -195,6 +195,8 @@ pub struct Scheduler {
     /// Outputs of requests that finished outside a step (errors), delivered by the next update.
     pending_outputs: Vec<EngineCoreOutput>,
     num_preemptions: u64,
+    /// Most distinct LoRA adapters among running requests (`--max-loras`); `None`: no limit.
+    max_loras: Option<usize>,
 }
 
 impl Scheduler {
@@ -214,7 +216,15 @@ impl Scheduler {
             finished_req_ids: Vec::new(),
             pending_outputs: Vec::new(),
             num_preemptions: 0,
+            max_loras: None,
         })
+    }
+
+    /// Limits the distinct LoRA adapters of the running requests to `max_loras` (vLLM's
+    /// `--max-loras`): a waiting request whose adapter would be one too many waits (see
+    /// [`crate::lora_admission`]).
+    pub fn set_max_loras(&mut self, max_loras: Option<usize>) {
+        self.max_loras = max_loras;
     }
 
     /// The configuration.
@@ -242,9 +252,10 @@ impl Scheduler {
         !self.requests.is_empty() || !self.pending_outputs.is_empty()
     }
 
-    /// Queues a request. Bad input is refused with an error naming the limit; a request that
-    /// can never fit in the KV cache is accepted and finished at once with
-    /// [`FinishReason::Error`] (reported by the next [`Self::update_from_output`]).
+    /// Queues a request. Bad input is refused with an error naming the limit, and so is a
+    /// request whose prompt plus `max_tokens` could never fit in the whole KV cache. Without a
+    /// `max_tokens`, a request may grow until the context or the cache is full, whichever is
+    /// smaller.
     pub fn add_request(&mut self, new: NewRequest) -> Result<(), SchedError> {
         let prompt_len = new.prompt_token_ids.len();
         let max_model_len = self.config.max_model_len;
@@ -257,7 +268,13 @@ impl Scheduler {
                 max_model_len,
             });
         }
-        let max_tokens = new.stop.max_tokens.unwrap_or(max_model_len - prompt_len);
+        let capacity = self.config.num_blocks * self.config.block_size;
+        let max_tokens = new.stop.max_tokens.unwrap_or(
+            max_model_len
+                .min(capacity)
+                .saturating_sub(prompt_len)
+                .max(1),
+        );
         if max_tokens == 0 {
             return Err(SchedError::ZeroMaxTokens(0));
         }
@@ -269,6 +286,16 @@ impl Scheduler {
                 max_model_len,
             });
         }
+        if prompt_len + max_tokens > capacity {
+            return Err(SchedError::ExceedsKvCache {
+                prompt_len,
+                max_tokens,
+                needed: prompt_len + max_tokens,
+                capacity,
+                num_blocks: self.config.num_blocks,
+                block_size: self.config.block_size,
+            });
+        }
         if new.stop.min_tokens > max_tokens {
             return Err(SchedError::MinTokensAboveMax {
                 min_tokens: new.stop.min_tokens,
@@ -277,23 +304,6 @@ impl Scheduler {
         }
         if self.requests.contains_key(&new.request_id) {
             return Err(SchedError::DuplicateRequestId(new.request_id));
-        }
-        let capacity = self.config.num_blocks * self.config.block_size;
-        if prompt_len > capacity {
-            self.pending_outputs.push(EngineCoreOutput {
-                request_id: new.request_id,
-                new_token_ids: Vec::new(),
-                finish_reason: Some(FinishReason::Error),
-                stop_reason: None,
-                num_cached_tokens: 0,
-                error: Some(format!(
-                    "the prompt needs {} KV-cache blocks but the cache has only {} blocks of {} tokens",
-                    prompt_len.div_ceil(self.config.block_size),
-                    self.config.num_blocks,
-                    self.config.block_size
-                )),
-            });
-            return Ok(());
         }
         let mut request = Request::new(new, max_tokens);
         update_block_hashes(&mut request, self.config.block_size);
@@ -403,8 +413,14 @@ impl Scheduler {
 
         // 2. Waiting requests, unless this step had to preempt.
         if preempted.is_empty() {
+            let mut loras = crate::lora_admission::LoraAdmission::new(
+                self.max_loras,
+                self.running
+                    .iter()
+                    .filter_map(|id| self.requests.get(id).map(|r| r.lora_id)),
+            );
             while budget > 0 && self.running.len() < self.config.max_num_seqs {
-                let Some(pos) = self.next_waiting_index() else {
+                let Some(pos) = self.next_waiting_index(loras.deferred()) else {
                     break;
                 };
                 let id = self.waiting[pos].clone();
@@ -412,6 +428,9 @@ impl Scheduler {
                     self.waiting.remove(pos);
                     continue;
                 };
+                if !loras.admit(&id, req.lora_id) {
+                    continue;
+                }
                 let (hit_blocks, hit_tokens) = self.kv.get_computed_blocks(req);
                 if !self.config.enable_chunked_prefill && req.num_tokens() - hit_tokens > budget {
                     break;
@@ -421,6 +440,7 @@ impl Scheduler {
                     break;
                 }
                 self.waiting.remove(pos);
+                loras.admitted(req.lora_id);
                 let Some(req) = self.requests.get_mut(&id) else {
                     break;
                 };
@@ -540,17 +560,19 @@ impl Scheduler {
         Ok(())
     }
 
-    fn next_waiting_index(&self) -> Option<usize> {
-        if self.waiting.is_empty() {
-            return None;
-        }
+    /// The next waiting request to admit, passing over those in `deferred`.
+    fn next_waiting_index(&self, deferred: &[RequestId]) -> Option<usize> {
+        let first = self.waiting.iter().position(|id| !deferred.contains(id))?;
         match self.config.policy {
-            SchedulingPolicy::Fcfs => Some(0),
+            SchedulingPolicy::Fcfs => Some(first),
             SchedulingPolicy::Priority => {
                 let key =
                     |id: &RequestId| self.requests.get(id).map(|r| (r.priority, r.arrival_time));
-                let mut best = 0;
-                for i in 1..self.waiting.len() {
+                let mut best = first;
+                for i in first + 1..self.waiting.len() {
+                    if deferred.contains(&self.waiting[i]) {
+                        continue;
+                    }
                     let (a, b) = (key(&self.waiting[i]), key(&self.waiting[best]));
                     if let (Some(a), Some(b)) = (a, b)
                         && (a.0 < b.0 || (a.0 == b.0 && a.1 < b.1))

@@ -424,26 +424,31 @@ fn abort_works_in_every_state_including_preempted() {
 }
 
 #[test]
-fn requests_that_can_never_fit_finish_with_an_error() {
+fn requests_that_can_never_fit_the_kv_cache_are_refused_with_both_numbers() {
     let mut s = Scheduler::new(config(2, 4, 64, 8)).unwrap();
     let mut fr = FakeRunner::new(2, 4, 50_000);
-    s.add_request(req("big", ids(9, 0), 1)).unwrap();
-    // Fits the prompt, but cannot grow past 8 tokens.
-    s.add_request(req("grow", ids(6, 100), 10)).unwrap();
-    let outs = run_to_completion(&mut s, &mut fr, 100);
-    let big: Vec<_> = outs.iter().filter(|o| o.request_id == "big").collect();
-    assert_eq!(big.len(), 1);
-    assert_eq!(big[0].finish_reason, Some(FinishReason::Error));
+    // The prompt alone is larger than the cache (8 slots).
+    let err = s.add_request(req("big", ids(9, 0), 1)).unwrap_err();
+    assert!(matches!(
+        err,
+        SchedError::ExceedsKvCache {
+            needed: 10,
+            capacity: 8,
+            ..
+        }
+    ));
+    // The prompt fits, but prompt + max_tokens cannot.
+    let err = s.add_request(req("grow", ids(6, 100), 10)).unwrap_err();
+    let msg = err.to_string();
     assert!(
-        big[0]
-            .error
-            .as_deref()
-            .unwrap()
-            .contains("cache has only 2 blocks")
+        msg.contains("needs 16 tokens of KV cache") && msg.contains("holds only 8 tokens"),
+        "{msg}"
     );
-    assert_eq!(finish_of(&outs, "grow"), Some(FinishReason::Error));
-    // 6 prompt + 2 generated = 8 slots; the 3rd token would need a 9th slot.
-    assert_eq!(tokens_of(&outs, "grow").len(), 3);
+    // Exactly the cache is fine, and runs to its end alone.
+    s.add_request(req("fits", ids(6, 100), 2)).unwrap();
+    let outs = run_to_completion(&mut s, &mut fr, 100);
+    assert_eq!(finish_of(&outs, "fits"), Some(FinishReason::Length));
+    assert_eq!(tokens_of(&outs, "fits").len(), 2);
 }
 
 #[test]

@@ -163,6 +163,7 @@ fn simulate(
                 };
                 let too_long = prompt.is_empty()
                     || prompt.len() + s.max_tokens > MAX_MODEL_LEN
+                    || prompt.len() + s.max_tokens > capacity
                     || prompt.len() >= MAX_MODEL_LEN;
                 match sched.add_request(new) {
                     Ok(()) => {

@@ -76,7 +76,7 @@ pub async fn create(
 
 async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Response, ApiError> {
     let start = Instant::now();
-    state.check_model(req.common.model.as_deref())?;
+    let lora = state.resolve_model(req.common.model.as_deref()).await?;
     let template = state
         .chat_template
         .as_ref()
@@ -144,6 +144,7 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
             prompt: Prompt::Tokens(ids.clone()),
             params,
             priority: 0,
+            lora,
         })
         .await
         .map_err(|e| structured::rename_param(e.into(), constraint_field))?;

@@ -73,7 +73,7 @@ pub async fn create(
 
 async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, ApiError> {
     let start = Instant::now();
-    state.check_model(req.common.model.as_deref())?;
+    let lora = state.resolve_model(req.common.model.as_deref()).await?;
     let logprobs = util::non_negative(req.logprobs, "logprobs")?;
     let entries = prompts(&state, req.prompt.clone())?;
     let id = util::random_id("cmpl");
@@ -97,6 +97,7 @@ async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, A
             prompt: Prompt::Tokens(p.ids.clone()),
             params,
             priority: 0,
+            lora: lora.clone(),
         };
         streams.push(state.engine.generate_with(request).await?);
     }

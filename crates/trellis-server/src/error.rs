@@ -39,11 +39,11 @@ impl ApiError {
         }
     }
 
-    /// 404 for a model name that is not served.
-    pub fn model_not_found(name: &str) -> Self {
+    /// 404 for a model name that is not served; `aliases` lists the names that are.
+    pub fn model_not_found(name: &str, aliases: &str) -> Self {
         ApiError {
             status: StatusCode::NOT_FOUND,
-            message: format!("The model `{name}` does not exist."),
+            message: format!("The model `{name}` does not exist. Valid aliases: {aliases}."),
             param: Some("model".into()),
             retry_after: None,
         }
@@ -65,6 +65,7 @@ impl ApiError {
             403 => "PermissionDeniedError",
             404 => "NotFoundError",
             405 => "MethodNotAllowedError",
+            408 => "RequestTimeoutError",
             413 => "PayloadTooLargeError",
             415 => "UnsupportedMediaTypeError",
             503 => "ServiceUnavailableError",

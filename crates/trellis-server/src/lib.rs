@@ -15,8 +15,10 @@
 
 pub mod chat;
 pub mod completions;
+pub mod conn;
 pub mod embeddings;
 pub mod error;
+pub mod lora_routes;
 pub mod pooling;
 pub mod protocol;
 mod routes;
@@ -33,6 +35,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use trellis_engine::{AsyncLLM, ChatTemplate, ChatTemplateError, IoProcessor};
 
+pub use conn::ConnLimits;
 pub use error::ApiError;
 
 /// Server settings (the HTTP side; the engine has its own `EngineConfig`).
@@ -52,6 +55,15 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long shutdown waits for requests in flight before aborting them.
     pub shutdown_grace: Duration,
+    /// Connection cap and timeouts (see [`conn`]).
+    pub conn: ConnLimits,
+    /// `VLLM_ALLOW_RUNTIME_LORA_UPDATING`: the load/unload routes exist, and unknown model
+    /// names go to the LoRA resolvers.
+    pub allow_runtime_lora_updating: bool,
+    /// The LoRA resolvers (snapshotted when the state is built).
+    pub lora_resolvers: trellis_engine::LoraResolverRegistry,
+    /// `VLLM_SKIP_MODEL_NAME_VALIDATION`: any `model` is accepted (as the base model).
+    pub skip_model_name_validation: bool,
     /// `tool_choice: "auto"` is allowed (`--enable-auto-tool-choice`).
     pub enable_auto_tool_choice: bool,
     /// The parser of the model's tool calls under `auto` (`--tool-call-parser`: `hermes`).
@@ -69,6 +81,10 @@ impl ServerConfig {
             disable_log_requests: false,
             max_body_bytes: 32 << 20,
             shutdown_grace: Duration::from_secs(30),
+            conn: ConnLimits::default(),
+            allow_runtime_lora_updating: false,
+            lora_resolvers: Default::default(),
+            skip_model_name_validation: false,
             enable_auto_tool_choice: false,
             tool_call_parser: None,
         }
@@ -87,6 +103,8 @@ pub struct AppState {
     pub created: u64,
     /// The IO processor plugin `/pooling` hands `data` requests to (`--io-processor-plugin`).
     pub io_processor: Option<Arc<dyn IoProcessor>>,
+    /// The served LoRA adapters.
+    pub lora: lora_routes::LoraModels,
 }
 
 impl AppState {
@@ -113,6 +131,7 @@ impl AppState {
             return Err(e.clone());
         }
         Ok(Arc::new(AppState {
+            lora: lora_routes::LoraModels::new(&config),
             engine,
             config,
             chat_template,
@@ -121,34 +140,64 @@ impl AppState {
         }))
     }
 
-    /// Checks the `model` field of a request.
+    /// Checks the `model` field of a request to an endpoint without LoRA support.
     pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
         match model {
-            Some(m) if m != self.config.served_model_name => Err(ApiError::model_not_found(m)),
+            Some(m) if m != self.config.served_model_name => {
+                Err(ApiError::model_not_found(m, &self.config.served_model_name))
+            }
             _ => Ok(()),
         }
     }
+
+    /// The LoRA adapter a generation request's `model` selects (`None`: the base model), or
+    /// the 404 (spec §5.3).
+    pub async fn resolve_model(
+        &self,
+        model: Option<&str>,
+    ) -> Result<Option<trellis_engine::LoraRequest>, ApiError> {
+        self.lora
+            .resolve(&self.engine, model, self.config.skip_model_name_validation)
+            .await
+    }
 }
 
-/// The routes, with auth on `/v1/*`, the body limit and OpenAI-shaped errors everywhere.
+/// The routes, with auth on `/v1/*`, the body deadline and limit, and OpenAI-shaped errors
+/// everywhere. Auth comes before the body is read, so a client without the key cannot make
+/// the server buffer a body.
 pub fn router(state: Arc<AppState>) -> Router {
+    let body = axum::middleware::from_fn_with_state(
+        (state.config.conn.body_timeout, state.config.max_body_bytes),
+        conn::read_body,
+    );
     let v1 = Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/embeddings", post(embeddings::create))
-        .route("/v1/models", get(routes::models))
+        .route("/v1/models", get(routes::models));
+    let v1 = match state.lora.runtime_updating() {
+        true => v1
+            .route("/v1/load_lora_adapter", post(lora_routes::load))
+            .route("/v1/unload_lora_adapter", post(lora_routes::unload)),
+        false => v1,
+    };
+    let v1 = v1
+        .layer(body.clone())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             routes::auth,
         ));
-    Router::new()
-        .merge(v1)
+    let rest = Router::new()
         .route("/pooling", post(pooling::create))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
         .route("/health", get(routes::health))
         .route("/version", get(routes::version))
         .route("/metrics", get(routes::metrics))
+        .layer(body);
+    Router::new()
+        .merge(v1)
+        .merge(rest)
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
@@ -163,19 +212,23 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grace = state.config.shutdown_grace;
+    let limits = state.config.conn;
     let engine = state.engine.clone();
-    let notify = Arc::new(tokio::sync::Notify::new());
-    let signalled = notify.clone();
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let (stopper, signalled) = (stop.clone(), Arc::new(tokio::sync::Notify::new()));
+    let notify = signalled.clone();
+    tokio::spawn(async move {
         shutdown.await;
-        signalled.notify_one();
+        stopper.notify_one();
+        notify.notify_one();
     });
+    let server = conn::accept_loop(listener, router(state), limits, stop);
     let deadline = async move {
-        notify.notified().await;
+        signalled.notified().await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        r = server => r?,
+        _ = server => {}
         _ = deadline => {
             eprintln!("trellis: requests still running after {}s; aborting them", grace.as_secs());
         }

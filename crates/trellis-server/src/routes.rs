@@ -35,17 +35,25 @@ pub async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) 
 
 /// `GET /v1/models`.
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+    let card = |id: String, root: String, parent: Option<String>| ModelCard {
+        id,
+        object: "model".into(),
+        created: state.created,
+        owned_by: "trellis".into(),
+        root,
+        parent,
+        max_model_len: state.engine.max_model_len(),
+    };
+    let base = &state.config.served_model_name;
+    let mut data = vec![card(base.clone(), state.config.model_root.clone(), None)];
+    // Adapters after the base, in load order (spec §5.4).
+    for l in state.lora.loaded() {
+        let parent = l.base_model_name.clone().unwrap_or_else(|| base.clone());
+        data.push(card(l.lora_name, l.lora_path, Some(parent)));
+    }
     Json(ModelList {
         object: "list".into(),
-        data: vec![ModelCard {
-            id: state.config.served_model_name.clone(),
-            object: "model".into(),
-            created: state.created,
-            owned_by: "trellis".into(),
-            root: state.config.model_root.clone(),
-            parent: None,
-            max_model_len: state.engine.max_model_len(),
-        }],
+        data,
     })
 }
 

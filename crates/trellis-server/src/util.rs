@@ -65,7 +65,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 }
 
 /// Converts the shared request fields into [`SamplingParams`] and checks the context length.
-/// `max_tokens` is the request's value (`None`: fill the context).
+/// `max_tokens` is the request's value (`None`: fill the context, or the KV cache if smaller).
 pub struct ParamsInput<'a> {
     /// The shared fields.
     pub common: &'a CommonParams,
@@ -134,7 +134,7 @@ impl ParamsInput<'_> {
                 if self.prompt_len.saturating_add(m) > self.max_model_len {
                     return Err(context_error(self.max_model_len, self.prompt_len, m));
                 }
-                m
+                Some(m)
             }
             None => {
                 if self.prompt_len >= self.max_model_len {
@@ -146,7 +146,8 @@ impl ParamsInput<'_> {
                         None,
                     ));
                 }
-                self.max_model_len - self.prompt_len
+                // The engine fills the context, or the KV cache if that is smaller.
+                None
             }
         };
         let mut logit_bias = HashMap::new();
@@ -177,7 +178,7 @@ impl ParamsInput<'_> {
             stop,
             stop_token_ids: c.stop_token_ids.clone().unwrap_or_default(),
             ignore_eos: c.ignore_eos,
-            max_tokens: Some(max_tokens),
+            max_tokens,
             min_tokens: non_negative(c.min_tokens, "min_tokens")?.unwrap_or(0),
             logprobs: self.logprobs,
             prompt_logprobs: self.prompt_logprobs,

@@ -124,6 +124,8 @@ pub struct EngineArgs {
     /// last-token pooling, normalised).
     #[arg(long, default_value = "auto", value_parser = ["auto", "none", "embed"])]
     pub convert: String,
+    #[command(flatten)]
+    pub lora: crate::lora_args::LoraArgs,
 }
 
 /// Sampling flags (vLLM's `SamplingParams`).
@@ -229,6 +231,17 @@ pub struct ServeArgs {
     /// counts); a request beyond it gets 503 with Retry-After instead of an unbounded queue.
     #[arg(long, default_value_t = trellis_engine::DEFAULT_MAX_WAITING_REQUESTS)]
     pub max_waiting_requests: usize,
+    /// Most client connections open at once; one more is answered 503 with Retry-After and
+    /// closed. Kept below the process's open-file limit.
+    #[arg(long, default_value_t = trellis_server::conn::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, and may stay idle between
+    /// requests, before it is closed (vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE).
+    #[arg(long, env = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", default_value_t = 5.0)]
+    pub timeout_keep_alive: f64,
+    /// Seconds a client may take to send a whole request body (408 after).
+    #[arg(long, default_value_t = 60.0)]
+    pub http_body_timeout: f64,
     /// The IO processor plugin (group `io_processor`, by entry name) that `/pooling` hands
     /// `data` requests to; wins over the `io_processor_plugin` key of the model's config.json.
     #[arg(long, value_name = "NAME")]
@@ -385,6 +398,7 @@ impl EngineArgs {
         c.max_n = self.max_n;
         c.runner = RunnerOption::parse(&self.runner).map_err(anyhow::Error::msg)?;
         c.convert = ConvertOption::parse(&self.convert).map_err(anyhow::Error::msg)?;
+        c.lora = self.lora.to_config()?;
         Ok(c)
     }
 }

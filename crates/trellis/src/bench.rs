@@ -79,9 +79,18 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
         return crate::bench_structured::compare(engine, &args, constraint);
     }
     let params = fixed_length(args.output_len);
+    // With --enable-lora --lora-modules, the requests take the adapters in turn.
+    let loras = crate::lora_args::numbered(&args.engine.lora.lora_modules);
     // What `LLM::generate` does, counting the engine steps (each reads the weights once).
     for (i, p) in prompts.iter().enumerate() {
-        engine.add_request(&format!("tp-{i}"), p.clone(), params.clone())?;
+        let lora = (!loras.is_empty()).then(|| loras[i % loras.len()].clone());
+        engine.add_request_lora(
+            &format!("tp-{i}"),
+            p.clone(),
+            params.clone(),
+            (0, 0.0),
+            lora,
+        )?;
     }
     let start = Instant::now();
     let mut outputs = Vec::with_capacity(prompts.len());

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use trellis_engine::{LLM, Prompt, RequestOutput};
+use trellis_engine::{LLM, LoraRequest, Prompt, RequestOutput};
 
 use crate::args::GenerateArgs;
 
@@ -82,7 +82,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut llm = LLM::with_registries(config, &crate::platforms::engine_registries()?)?;
     let bar = progress_bar(prompts.len());
     let all = vec![params; prompts.len()];
-    let outputs = llm.generate_each(&prompts, &all, |done, _| {
+    let lora = args.engine.lora.lora.clone().map(|l| LoraRequest {
+        lora_int_id: 1,
+        ..l
+    });
+    let loras = vec![lora; prompts.len()];
+    let outputs = llm.generate_lora(&prompts, &all, &loras, |done, _| {
         if let Some(b) = &bar {
             b.set_position(done as u64);
         }

@@ -7,6 +7,7 @@ mod bench_structured;
 mod constraint_args;
 mod embed;
 mod generate;
+mod lora_args;
 mod machine;
 mod platforms;
 mod plugins;
@@ -25,6 +26,8 @@ use custom_attention as _;
 use dummy_model as _;
 #[cfg(feature = "example-plugins")]
 use dummy_platform as _;
+#[cfg(feature = "example-plugins")]
+use index_lora_resolver as _;
 #[cfg(feature = "example-plugins")]
 use json_stat_logger as _;
 

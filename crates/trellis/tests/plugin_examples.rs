@@ -504,8 +504,18 @@ impl Served {
         prompt: serde_json::Value,
         max_tokens: usize,
     ) -> (u16, serde_json::Value) {
+        self.post_model("smollm2", prompt, max_tokens)
+    }
+
+    /// [`Self::post_completion`] with `model` (a LoRA adapter's name, for example).
+    fn post_model(
+        &self,
+        model: &str,
+        prompt: serde_json::Value,
+        max_tokens: usize,
+    ) -> (u16, serde_json::Value) {
         use std::io::{Read, Write};
-        let body = serde_json::json!({"model": "smollm2", "prompt": prompt,
+        let body = serde_json::json!({"model": model, "prompt": prompt,
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
         .to_string();
         let mut c = std::net::TcpStream::connect(&self.addr).unwrap();
@@ -874,6 +884,38 @@ fn panicking_registration_is_one_error_line_naming_the_plugin() {
         lines[0].contains(
             "plugin 'register_dummy_model' (general) failed: panicked: DUMMY_MODEL_FAIL=panic"
         ),
+        "{err}"
+    );
+}
+
+/// Issue 12: the example LoRA resolver plugin (examples/plugins/index-lora-resolver), built with
+/// `trellis plugins build` (or compiled in) and used by `trellis serve` without a rebuild: an
+/// unknown `model` found in its JSON index is loaded and served; a name it does not know is the
+/// generic 404.
+#[test]
+fn index_lora_resolver_serves_adapters_from_its_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("index.json");
+    let adapter = common::repo().join("testdata/lora/lora-smollm2-r4-qv");
+    let entry = serde_json::json!({"my-adapter": adapter.to_string_lossy()});
+    std::fs::write(&index, entry.to_string()).unwrap();
+    let mut cmd = with(&["index-lora-resolver"]);
+    cmd.env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+        .env("LORA_INDEX_FILE", &index)
+        .env("VLLM_TARGET_DEVICE", "cpu");
+    let s = Served::start_with(
+        cmd,
+        &default_model(),
+        &["--max-model-len", "512", "--enable-lora"],
+    );
+    let (status, body) = s.post_model("my-adapter", serde_json::json!("Hi"), 3);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 3);
+    let (status, err) = s.post_model("not-in-the-index", serde_json::json!("Hi"), 3);
+    assert_eq!(status, 404, "{err}");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("Valid aliases: smollm2, my-adapter"),
         "{err}"
     );
 }

@@ -106,17 +106,37 @@ fn chat_template(path: &Path, v: Option<&Value>) -> Result<Option<String>> {
     }
 }
 
+/// Parses a `tokenizer.json` with the `tokenizers` library, which panics on some malformed
+/// files (found by fuzzing: a broken string inside `decoder`): the JSON syntax is checked
+/// first, and a panic that still escapes is turned into an error naming the file.
+fn parse_tokenizer_json(path: &Path, bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
+    let bad = |message: String| TokenizerError::Json {
+        path: path.to_path_buf(),
+        message,
+    };
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| bad(e.to_string()))?;
+    match std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes)) {
+        Ok(r) => r.map_err(|e| bad(e.to_string())),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(bad(format!(
+                "the tokenizers library cannot read it ({msg})"
+            )))
+        }
+    }
+}
+
 pub(crate) fn load_dir(dir: &Path) -> Result<Tokenizer> {
     let tok_path = dir.join("tokenizer.json");
     let bytes = std::fs::read(&tok_path).map_err(|source| TokenizerError::Io {
         path: tok_path.clone(),
         source,
     })?;
-    let mut inner =
-        tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::Json {
-            path: tok_path.clone(),
-            message: e.to_string(),
-        })?;
+    let mut inner = parse_tokenizer_json(&tok_path, &bytes)?;
     inner
         .with_truncation(None)
         .map_err(|e| TokenizerError::Build {

@@ -1,6 +1,8 @@
 //! Shared test helpers: the default model and the llama.cpp golden data.
 #![allow(dead_code)]
 
+pub mod hf_dir;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

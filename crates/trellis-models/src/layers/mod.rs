@@ -5,6 +5,7 @@
 //! Element-wise layers (norm, rotary) work on flat `f32` slices: on a flattened batch they are
 //! a handful of passes over `[num_tokens, hidden]`, cheaper than a chain of tensor ops.
 
+mod lora;
 mod step;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -16,6 +17,7 @@ use trellis_plugin::AttentionShape;
 use crate::error::{ModelError, Result as LoadResult};
 use crate::weights::WeightSource;
 
+pub use lora::{MAX_SUPPORTED_RANK, decoder_lora_modules};
 pub use step::{StepScratch, decoder_hidden_states, lm_head_logits};
 
 /// Checks that a flattened batch has one position per token id.
@@ -351,6 +353,11 @@ impl RotaryEmbedding {
             rotary_dim: d,
             style,
         })
+    }
+
+    /// The row order the rotation expects of q and k.
+    pub fn style(&self) -> RopeStyle {
+        self.style
     }
 
     /// The cos/sin table `[positions.len(), rotary_dim/2]` of one step, shared by all layers.

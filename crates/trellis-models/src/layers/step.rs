@@ -12,8 +12,9 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, DType, Module, Result, Storage, Tensor, bail};
 use trellis_kernels::pool;
 use trellis_kernels::quant::{KMatrix, QActs, QActsK, QMatrix};
-use trellis_plugin::ForwardContext;
+use trellis_plugin::{ForwardContext, LoraMapping, LoraTarget};
 
+use super::lora::add_lora;
 use super::{
     Attention, DecoderLayer, Embedding, Linear, Mlp, RmsNorm, Rope, RotaryEmbedding, Weight,
 };
@@ -274,6 +275,14 @@ impl Attention {
                 }
             }
         }
+        let (lora, layer) = (ctx.lora, self.layer_idx);
+        for (target, off) in [
+            (LoraTarget::QProj, 0),
+            (LoraTarget::KProj, nq),
+            (LoraTarget::VProj, nq + nk),
+        ] {
+            add_lora(lora, layer, target, &s.normed, h, &mut s.qkv, w, off);
+        }
         rope.check(t, d)?;
         // q, k and v out of the stacked rows, q and k rotated on the way (rows in parallel).
         let qkv = &s.qkv;
@@ -318,6 +327,16 @@ impl Attention {
         };
         let mut inp = Input::new(vals, nq);
         linear_into(&self.o_proj, &mut inp, &mut s.acts, &mut s.proj)?;
+        add_lora(
+            lora,
+            self.layer_idx,
+            LoraTarget::OProj,
+            vals,
+            nq,
+            &mut s.proj,
+            h,
+            0,
+        );
         add_rows(&mut s.x, &s.proj, h);
         Ok(())
     }
@@ -325,7 +344,14 @@ impl Attention {
 
 impl Mlp {
     /// `x += down(silu(gate(normed)) · up(normed))`.
-    fn forward_step(&self, s: &mut StepScratch, hidden: usize, quantized: bool) -> Result<()> {
+    fn forward_step(
+        &self,
+        s: &mut StepScratch,
+        hidden: usize,
+        quantized: bool,
+        lora: (Option<LoraMapping<'_>>, usize),
+    ) -> Result<()> {
+        let (lora, layer) = lora;
         let mut inp = Input::quantized(&s.normed, hidden, quantized);
         let inter = self.intermediate;
         match &self.gate_up {
@@ -341,6 +367,18 @@ impl Mlp {
                 }
             }
         }
+        for (target, off) in [(LoraTarget::GateProj, 0), (LoraTarget::UpProj, inter)] {
+            add_lora(
+                lora,
+                layer,
+                target,
+                &s.normed,
+                hidden,
+                &mut s.gate_up,
+                2 * inter,
+                off,
+            );
+        }
         let t = s.gate_up.len() / (2 * inter).max(1);
         s.act.resize(t * inter, 0.0);
         let gate_up = &s.gate_up;
@@ -355,6 +393,17 @@ impl Mlp {
         }
         let mut inp = Input::new(&s.act, inter);
         linear_into(&self.down_proj, &mut inp, &mut s.acts, &mut s.proj)?;
+        let act = &s.act;
+        add_lora(
+            lora,
+            layer,
+            LoraTarget::DownProj,
+            act,
+            inter,
+            &mut s.proj,
+            hidden,
+            0,
+        );
         add_rows(&mut s.x, &s.proj, hidden);
         Ok(())
     }
@@ -395,7 +444,7 @@ impl DecoderLayer {
             &mut s.acts,
             reads_q8_1(&self.mlp.gate_up, &self.mlp.gate_proj),
         );
-        self.mlp.forward_step(s, h, q)
+        self.mlp.forward_step(s, h, q, (ctx.lora, a.layer_idx))
     }
 }
 

@@ -46,6 +46,8 @@ pub struct PagedRunner {
     pub layers: Vec<Box<dyn AttentionImpl>>,
     pub block_size: usize,
     free: Vec<u32>,
+    /// Adapter slots; when set, every token row runs with slot `lora_slot`.
+    pub lora: Option<(trellis_plugin::LoraSlotPool, u32)>,
 }
 
 impl PagedRunner {
@@ -102,6 +104,7 @@ impl PagedRunner {
             layers,
             block_size,
             free,
+            lora: None,
         })
     }
 
@@ -153,10 +156,19 @@ impl PagedRunner {
             rows.extend(wanted);
             seq.len = end;
         }
+        let slots = vec![self.lora.as_ref().map_or(0, |l| l.1); ids.len()];
+        let lora = self
+            .lora
+            .as_ref()
+            .map(|(pool, _)| trellis_plugin::LoraMapping {
+                pool,
+                token_slots: &slots,
+            });
         let mut ctx = ForwardContext {
             attn_metadata: &meta,
             attn_layers: &mut self.layers,
             logits_indices: &rows,
+            lora,
         };
         let logits = model.forward(&ids, &positions, &mut ctx)?;
         assert_eq!(logits.dims(), [rows.len(), model.config().vocab_size]);
@@ -196,6 +208,23 @@ pub struct Tiny {
 }
 
 impl Tiny {
+    /// Two layers of width 32, four heads over two KV heads.
+    pub fn small(arch: &'static str) -> Tiny {
+        Tiny {
+            arch,
+            vocab: 97,
+            hidden: 32,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            inter: 48,
+            theta: 10_000.0,
+            tie: false,
+            qkv_bias: false,
+            llama3: None,
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
     }

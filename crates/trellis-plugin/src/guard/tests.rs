@@ -121,6 +121,7 @@ fn model_forward_panic_becomes_its_error() {
         attn_metadata: &meta,
         attn_layers: &mut layers,
         logits_indices: &[],
+        lora: None,
     };
     let err = model
         .forward(&[1], &[0], &mut fctx)
