@@ -2,8 +2,9 @@
 //! turns them into content deltas and `delta.tool_calls` entries (index, id, type and function
 //! name first, then argument fragments).
 //!
-//! A named choice streams its arguments as they are generated. `required` and hermes calls are
-//! sent when each call is complete (the JSON must parse before its name is certain).
+//! A named choice streams its arguments as they are generated, and so does a hermes call once
+//! its `"name"` and `"arguments":` keys are out (the raw argument text, less a tail that may be
+//! the call's closing brace). `required` calls are sent when the array is complete.
 
 use super::{ToolCallOutput, ToolMode, hermes, parse_required};
 use crate::tool_calls::FunctionCallOutput;
@@ -26,6 +27,9 @@ pub struct ToolStreamer {
     pos: usize,
     in_call: bool,
     calls: usize,
+    /// The hermes call being streamed: where its arguments start in the call's body and how
+    /// many of their bytes were sent.
+    partial: Option<(usize, usize)>,
 }
 
 impl ToolStreamer {
@@ -36,6 +40,7 @@ impl ToolStreamer {
             pos: 0,
             in_call: false,
             calls: 0,
+            partial: None,
         }
     }
 
@@ -103,15 +108,13 @@ impl ToolStreamer {
             let rest = &self.buffer[self.pos..];
             if self.in_call {
                 let Some(end) = rest.find(hermes::END) else {
+                    let body = rest.to_string();
+                    self.stream_arguments(&body, false, out);
                     return;
                 };
                 let body = rest[..end].to_string();
                 self.pos += end + hermes::END.len();
-                self.in_call = false;
-                match hermes::parse_call(&body) {
-                    Some(call) => self.emit(call, out),
-                    None => self.content(format!("{}{body}{}", hermes::START, hermes::END), out),
-                }
+                self.end_call(&body, out);
                 continue;
             }
             if let Some(start) = rest.find(hermes::START) {
@@ -130,6 +133,63 @@ impl ToolStreamer {
             self.pos += text.len();
             self.content(text, out);
             return;
+        }
+    }
+
+    /// A hermes call whose body is complete: the rest of its arguments, or the whole call when
+    /// its name was not known early (or the body does not parse: then it is content, unless a
+    /// part was already sent).
+    fn end_call(&mut self, body: &str, out: &mut StreamDelta) {
+        self.in_call = false;
+        if self.partial.is_some() {
+            self.stream_arguments(body, true, out);
+            self.partial = None;
+            return;
+        }
+        match hermes::parse_call(body) {
+            Some(call) => self.emit(call, out),
+            None => self.content(format!("{}{body}{}", hermes::START, hermes::END), out),
+        }
+    }
+
+    /// Streams a hermes call's arguments as they arrive: once `"name"` and `"arguments":` are
+    /// seen, the call's first delta (id, name), then the raw argument text, holding back a
+    /// tail that may be the call's closing `}` or the start of `</tool_call>`.
+    fn stream_arguments(&mut self, body: &str, complete: bool, out: &mut StreamDelta) {
+        if self.partial.is_none() {
+            let Some((name, args_start)) = hermes_header(body) else {
+                return;
+            };
+            let index = Some(self.calls);
+            self.calls += 1;
+            let call = ToolCallOutput::new(&name, String::new());
+            out.tool_calls.push(ToolCallOutput { index, ..call });
+            self.partial = Some((args_start, 0));
+        }
+        let Some((start, sent)) = self.partial else {
+            return;
+        };
+        let mut text = body.get(start..).unwrap_or_default();
+        if !complete
+            && let Some(lt) = text.rfind('<')
+            && hermes::END.starts_with(&text[lt..])
+        {
+            text = &text[..lt];
+        }
+        // Hold back a last `}`: it may close the call's object rather than the arguments.
+        if let Some(t) = text.trim_end().strip_suffix('}') {
+            text = t;
+        }
+        if text.len() > sent {
+            out.tool_calls.push(ToolCallOutput {
+                index: Some(self.calls - 1),
+                function: FunctionCallOutput {
+                    name: None,
+                    arguments: Some(text[sent..].to_string()),
+                },
+                ..Default::default()
+            });
+            self.partial = Some((start, text.len()));
         }
     }
 
@@ -155,15 +215,30 @@ impl ToolStreamer {
                 }
                 _ => out.content = Some(rest),
             },
-            ToolMode::Auto if self.in_call => match hermes::parse_call(&rest) {
-                Some(call) => self.emit(call, &mut out),
-                None => self.content(format!("{}{rest}", hermes::START), &mut out),
-            },
+            ToolMode::Auto if self.in_call => self.end_call(&rest, &mut out),
             ToolMode::Auto => self.content(rest, &mut out),
             ToolMode::None | ToolMode::Named(_) => {}
         }
         out
     }
+}
+
+/// The name of a hermes call and where its arguments start, once the body has both
+/// (`{"name": "f", "arguments": ...`, in that order).
+fn hermes_header(body: &str) -> Option<(String, usize)> {
+    let args_key = body.find("\"arguments\"")?;
+    let head = &body[..args_key];
+    let after_name = &head[head.find("\"name\"")? + "\"name\"".len()..];
+    let quoted = after_name.trim_start().strip_prefix(':')?.trim_start();
+    let mut de = serde_json::Deserializer::from_str(quoted).into_iter::<String>();
+    let name = de.next()?.ok()?;
+    let after_key = &body[args_key + "\"arguments\"".len()..];
+    let colon = after_key.trim_start().strip_prefix(':')?;
+    let value = colon.trim_start();
+    if value.is_empty() {
+        return None;
+    }
+    Some((name, body.len() - value.len()))
 }
 
 #[cfg(test)]
@@ -218,11 +293,19 @@ mod tests {
             vec![
                 (
                     "get_weather".to_string(),
-                    "{\"city\":\"Paris\"}".to_string()
+                    "{\"city\": \"Paris\"}".to_string()
                 ),
                 ("now".to_string(), "{}".to_string())
             ]
         );
+        // The first call's arguments came in fragments, as they were generated.
+        let fragments: Vec<&str> = calls
+            .iter()
+            .filter(|c| c.index == Some(0))
+            .filter_map(|c| c.function.arguments.as_deref())
+            .filter(|a| !a.is_empty())
+            .collect();
+        assert_eq!(fragments, ["{\"city\": ", "\"Paris\"}"]);
         let (content, calls) = run(ToolMode::Auto, &["a < b", " and <tool", "s>"]);
         assert_eq!(content, "a < b and <tools>");
         assert!(calls.is_empty());
