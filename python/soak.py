@@ -48,25 +48,33 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-class Traffic:
-    def __init__(self, base: str, port: int, seed: int):
-        self.base, self.port = base, port
-        self.rng = random.Random(seed)
+class Tally:
+    """What every client thread adds to: request counts by kind, failures, and the requests
+    the engine should count as finished (each of a request's n completions)."""
+
+    def __init__(self):
         self.counts: dict[str, int] = {}
-        # Requests the engine should count as finished (each of a request's n completions).
         self.expected_finished = 0
         self.failures: list[str] = []
         self.lock = threading.Lock()
-        self.shared = self
+
+
+class Traffic:
+    """One client thread's traffic, reported into a shared Tally."""
+
+    def __init__(self, base: str, port: int, seed: int, tally: Tally):
+        self.base, self.port = base, port
+        self.rng = random.Random(seed)
+        self.tally = tally
 
     def count(self, kind: str, finished: int = 0):
-        with self.lock:
-            self.counts[kind] = self.counts.get(kind, 0) + 1
-            self.shared.expected_finished += finished
+        with self.tally.lock:
+            self.tally.counts[kind] = self.tally.counts.get(kind, 0) + 1
+            self.tally.expected_finished += finished
 
     def fail(self, what: str):
-        with self.lock:
-            self.failures.append(what[:300])
+        with self.tally.lock:
+            self.tally.failures.append(what[:300])
 
     def post(self, path: str, body: dict, stream: bool = False):
         return requests.post(self.base + path, json=body, timeout=300, stream=stream)
@@ -145,12 +153,11 @@ class Traffic:
 def run_soak(base: str, port: int, pid: int, seconds: float, warmup: float, clients: int = 4,
              every: float = 10.0, log=print) -> dict:
     stop = threading.Event()
-    traffic = Traffic(base, port, seed=20261202)
+    traffic = Tally()
     done_before, _ = finished_requests(base)
 
     def client(i: int):
-        t = Traffic(base, port, seed=i)
-        t.counts, t.failures, t.lock, t.shared = traffic.counts, traffic.failures, traffic.lock, traffic
+        t = Traffic(base, port, seed=i, tally=traffic)
         while not stop.is_set():
             t.one()
 
