@@ -76,13 +76,23 @@ def test_model_selects_the_adapter_in_completions_chat_and_streams(lora_server):
     base, strong = _greedy(client, "smollm2"), _greedy(client, "strong")
     assert base != strong
     assert _greedy(client, "strong") == strong
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
+    chunks = list(client.completions.create(
         model="strong", prompt=PROMPT, max_tokens=10, temperature=0, stream=True))
-    assert streamed == strong
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == strong
+    # As vLLM: every response names the model the client asked for, the adapter included.
+    assert {c.model for c in chunks} == {"strong"}
     r = client.completions.create(model="strong", prompt=PROMPT, max_tokens=4, temperature=0,
                                   logprobs=2, n=2)
     assert len(r.choices) == 2 and r.choices[0].text == r.choices[1].text == strong[:len(r.choices[0].text)]
     assert len(r.choices[0].logprobs.token_logprobs) == 4
+    assert r.model == "strong"
+    assert client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=1).model == "smollm2"
+    chat_r = client.chat.completions.create(model="strong", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=2, temperature=0)
+    assert chat_r.model == "strong"
+    chat_chunks = list(client.chat.completions.create(
+        model="strong", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, stream=True))
+    assert {c.model for c in chat_chunks} == {"strong"}
     msgs = [{"role": "user", "content": "What is 2+2?"}]
     chat = lambda m: client.chat.completions.create(  # noqa: E731
         model=m, messages=msgs, max_tokens=12, temperature=0).choices[0].message.content

@@ -11,11 +11,13 @@
 //!   reference's float expression, so results are bit-identical across instruction sets and
 //!   batch sizes.
 //! - [`cpu`]: run-time CPU feature detection.
+//! - [`lora`]: LoRA shrink and expand for one token row.
 //! - [`peak`]: the measured int8 multiply-add rate of the cores (for benchmark reports).
 //! - [`act`]: element-wise activations (SiLU·up) with one polynomial `exp` on every ISA.
 
 pub mod act;
 pub mod cpu;
+pub mod lora;
 pub mod peak;
 pub mod pool;
 pub mod quant;

@@ -137,6 +137,10 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
     }
     let n = params.n;
     let id = util::random_id("chatcmpl");
+    let model = lora.as_ref().map_or_else(
+        || state.config.served_model_name.clone(),
+        |l| l.lora_name.clone(),
+    );
     let stream = state
         .engine
         .generate_with(GenerateRequest {
@@ -151,6 +155,7 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
     let (include_usage, continuous_usage) =
         StreamOptions::usage_flags(req.common.stream_options.as_ref());
     let job = Job {
+        model,
         state,
         id,
         prompt_tokens: ids.len(),
@@ -173,6 +178,9 @@ async fn run(state: Arc<AppState>, req: ChatCompletionRequest) -> Result<Respons
 
 struct Job {
     state: Arc<AppState>,
+    /// The `model` of every response: the adapter's name for a LoRA request, else the base
+    /// model's (vLLM's `OpenAIServingModels.model_name`).
+    model: String,
     id: String,
     prompt_tokens: usize,
     n: usize,
@@ -206,7 +214,7 @@ impl Job {
             id: self.id.clone(),
             object: object.into(),
             created: util::unix_now(),
-            model: self.state.config.served_model_name.clone(),
+            model: self.model.clone(),
             choices,
             usage,
         }

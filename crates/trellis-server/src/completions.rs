@@ -103,7 +103,12 @@ async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, A
     }
     let (include_usage, continuous_usage) =
         StreamOptions::usage_flags(req.common.stream_options.as_ref());
+    let model = lora.as_ref().map_or_else(
+        || state.config.served_model_name.clone(),
+        |l| l.lora_name.clone(),
+    );
     let job = Job {
+        model,
         state,
         id,
         entries,
@@ -126,6 +131,9 @@ async fn run(state: Arc<AppState>, req: CompletionRequest) -> Result<Response, A
 
 struct Job {
     state: Arc<AppState>,
+    /// The `model` of every response: the adapter's name for a LoRA request, else the base
+    /// model's (vLLM's `OpenAIServingModels.model_name`).
+    model: String,
     id: String,
     entries: Vec<PromptEntry>,
     n: usize,
@@ -165,7 +173,7 @@ impl Job {
             id: self.id.clone(),
             object: "text_completion".into(),
             created: util::unix_now(),
-            model: self.state.config.served_model_name.clone(),
+            model: self.model.clone(),
             choices,
             usage,
         }

@@ -79,46 +79,35 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
         return crate::bench_structured::compare(engine, &args, constraint);
     }
     let params = fixed_length(args.output_len);
-    // With --enable-lora --lora-modules, the requests take the adapters in turn.
+    // With --enable-lora --lora-modules, the requests take the adapters in turn, and the same
+    // engine also runs the base model on other prompts of the same shape, alternately, so the
+    // ratio comes from one run.
     let loras = crate::lora_args::numbered(&args.engine.lora.lora_modules);
-    // What `LLM::generate` does, counting the engine steps (each reads the weights once).
-    for (i, p) in prompts.iter().enumerate() {
-        let lora = (!loras.is_empty()).then(|| loras[i % loras.len()].clone());
-        engine.add_request_lora(
-            &format!("tp-{i}"),
-            p.clone(),
-            params.clone(),
-            (0, 0.0),
-            lora,
-        )?;
+    if !loras.is_empty() {
+        return lora_throughput(engine, &args, &params, &loras);
     }
-    let start = Instant::now();
-    let mut outputs = Vec::with_capacity(prompts.len());
-    let mut steps = 0usize;
-    while engine.has_unfinished_requests() {
-        steps += 1;
-        outputs.extend(engine.step()?.into_iter().filter_map(|u| u.finished));
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let prompt_tokens: usize = outputs.iter().map(|o| o.prompt_token_ids.len()).sum();
-    let output_tokens: usize = outputs
-        .iter()
-        .flat_map(|o| &o.outputs)
-        .map(|c| c.token_ids.len())
-        .sum();
+    let pass = run_pass(engine, &prompts, &params, &[], "tp")?;
+    let Pass {
+        elapsed,
+        steps,
+        requests,
+        prompt_tokens,
+        output_tokens,
+    } = pass;
+    let outputs_len = requests;
     let mut result = serde_json::json!({
         "elapsed_time": elapsed,
         "num_steps": steps,
-        "num_requests": outputs.len(),
+        "num_requests": outputs_len,
         "total_num_tokens": prompt_tokens + output_tokens,
-        "requests_per_second": outputs.len() as f64 / elapsed,
+        "requests_per_second": outputs_len as f64 / elapsed,
         "tokens_per_second": (prompt_tokens + output_tokens) as f64 / elapsed,
         "prompt_tokens_per_second": prompt_tokens as f64 / elapsed,
         "output_tokens_per_second": output_tokens as f64 / elapsed,
     });
     println!(
         "Throughput: {:.2} requests/s, {:.2} total tokens/s, {:.2} output tokens/s ({} prompts x {} in / {} out, {:.2} s)",
-        outputs.len() as f64 / elapsed,
+        outputs_len as f64 / elapsed,
         (prompt_tokens + output_tokens) as f64 / elapsed,
         output_tokens as f64 / elapsed,
         args.num_prompts,
@@ -137,6 +126,113 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
         println!("{}", machine::ops_line(&machine, &[("all tokens", ops)]));
         result["achieved"] = achieved_json(&machine, &cost, steps_per_s, &[("all_tokens", ops)]);
     }
+    write_json(args.output_json.as_deref(), &result)
+}
+
+/// What one pass of `bench throughput` did.
+struct Pass {
+    elapsed: f64,
+    steps: usize,
+    requests: usize,
+    prompt_tokens: usize,
+    output_tokens: usize,
+}
+
+/// What `LLM::generate` does, counting the engine steps (each reads the weights once); the
+/// requests take `loras` in turn (none when empty).
+fn run_pass(
+    engine: &mut LLMEngine,
+    prompts: &[Prompt],
+    params: &SamplingParams,
+    loras: &[trellis_engine::LoraRequest],
+    tag: &str,
+) -> Result<Pass> {
+    for (i, p) in prompts.iter().enumerate() {
+        let lora = (!loras.is_empty()).then(|| loras[i % loras.len()].clone());
+        engine.add_request_lora(
+            &format!("{tag}-{i}"),
+            p.clone(),
+            params.clone(),
+            (0, 0.0),
+            lora,
+        )?;
+    }
+    let start = Instant::now();
+    let mut outputs = Vec::with_capacity(prompts.len());
+    let mut steps = 0usize;
+    while engine.has_unfinished_requests() {
+        steps += 1;
+        outputs.extend(engine.step()?.into_iter().filter_map(|u| u.finished));
+    }
+    Ok(Pass {
+        elapsed: start.elapsed().as_secs_f64(),
+        steps,
+        requests: outputs.len(),
+        prompt_tokens: outputs.iter().map(|o| o.prompt_token_ids.len()).sum(),
+        output_tokens: outputs
+            .iter()
+            .flat_map(|o| &o.outputs)
+            .map(|c| c.token_ids.len())
+            .sum(),
+    })
+}
+
+/// `bench throughput --enable-lora --lora-modules ...`: the base model and the adapters (in
+/// turn over the requests) on the same engine, alternately for `ROUNDS` rounds, each pass on
+/// fresh prompts (so the prefix cache skips nothing); prints both rates and their ratio.
+fn lora_throughput(
+    engine: &mut LLMEngine,
+    args: &ThroughputArgs,
+    params: &SamplingParams,
+    loras: &[trellis_engine::LoraRequest],
+) -> Result<()> {
+    const ROUNDS: usize = 3;
+    let vocab = engine.config().model.vocab_size;
+    // Warm-up: loads every adapter into its slot and touches every buffer once.
+    let warm = random_prompts(loras.len(), args.input_len.min(16), vocab, 9000);
+    run_pass(engine, &warm, &fixed_length(2), loras, "warm")?;
+    let (mut base, mut with) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        for (side, out) in [("base", &mut base), ("lora", &mut with)] {
+            let seed = 100 + (2 * round + usize::from(side == "lora")) as u64;
+            let prompts = random_prompts(args.num_prompts, args.input_len, vocab, seed);
+            let adapters = if side == "lora" { loras } else { &[] };
+            let p = run_pass(
+                engine,
+                &prompts,
+                params,
+                adapters,
+                &format!("{side}{round}"),
+            )?;
+            let rate = p.output_tokens as f64 / p.elapsed;
+            println!(
+                "Round {round}, {side}: {:.2} output tokens/s, {:.2} total tokens/s ({} requests, {:.2} s)",
+                rate,
+                (p.prompt_tokens + p.output_tokens) as f64 / p.elapsed,
+                p.requests,
+                p.elapsed
+            );
+            out.push(rate);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (b, l) = (mean(&base), mean(&with));
+    let names: Vec<&str> = loras.iter().map(|r| r.lora_name.as_str()).collect();
+    println!(
+        "LoRA throughput: {l:.2} output tokens/s with {} adapters ({}) against {b:.2} for the base model in the same run: ratio {:.3} ({} prompts x {} in / {} out, {ROUNDS} rounds)",
+        loras.len(),
+        names.join(", "),
+        l / b,
+        args.num_prompts,
+        args.input_len,
+        args.output_len,
+    );
+    let result = serde_json::json!({
+        "base_output_tokens_per_second": base,
+        "lora_output_tokens_per_second": with,
+        "ratio": l / b,
+        "adapters": names,
+    });
     write_json(args.output_json.as_deref(), &result)
 }
 

@@ -5,7 +5,7 @@
 //! depend on what else is in the batch, and nothing is allocated (the shrink result of one row
 //! lives on the stack).
 
-use trellis_kernels::pool;
+use trellis_kernels::{lora, pool};
 use trellis_plugin::{LoraMapping, LoraTarget, NO_LORA_SLOT};
 
 /// Largest rank a slot may hold (vLLM's largest `--max-lora-rank` choice).
@@ -48,35 +48,11 @@ pub(crate) fn add_lora(
             let Some((rank, a, b_t)) = m.weights(slot as usize) else {
                 continue;
             };
-            let xr = &x[r * k..][..k];
-            for (j, tj) in t[..rank].iter_mut().enumerate() {
-                *tj = dot(xr, &a[j * k..][..k]);
-            }
-            let dst = &mut row[offset..offset + n];
-            for (j, &tj) in t[..rank].iter().enumerate() {
-                axpy(tj, &b_t[j * n..][..n], dst);
-            }
+            let t = &mut t[..rank];
+            lora::shrink(&x[r * k..][..k], a, t);
+            lora::expand(t, b_t, &mut row[offset..offset + n]);
         }
     });
-}
-
-/// `Σ a_i b_i` in eight lanes, summed in a fixed order.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, ar) = a.split_at(a.len() / 8 * 8);
-    let (bc, br) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
-/// `y += s · x`.
-fn axpy(s: f32, x: &[f32], y: &mut [f32]) {
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += s * x);
 }
 
 /// The LoRA-capable linears of Llama-family decoder layers. With interleaved RoPE (GGUF), the
