@@ -162,17 +162,43 @@ impl KvBuf {
         })
     }
 
-    /// Stores `src[i]` at `off + i * stride`, rounding to nearest even for f16/bf16.
+    /// Stores `src[i]` at `off + i * stride`, rounding to nearest even for f16/bf16 (a run of
+    /// values converted at once, with F16C where the CPU has it, then stored).
     fn write(&mut self, off: usize, stride: usize, src: &[f32]) {
-        let idx = (0..src.len()).map(|i| off + i * stride);
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        const RUN: usize = 64;
+        let mut bits = [0u16; RUN];
+        let store = |c: &mut [u16], base: usize, bits: &[u16]| {
+            if stride == 1 {
+                c[off + base..][..bits.len()].copy_from_slice(bits);
+            } else {
+                for (i, &b) in bits.iter().enumerate() {
+                    c[off + (base + i) * stride] = b;
+                }
+            }
+        };
         match self {
-            KvBuf::F32(c) => idx.zip(src).for_each(|(i, &x)| c[i] = x),
-            KvBuf::F16(c) => idx
-                .zip(src)
-                .for_each(|(i, &x)| c[i] = half::f16::from_f32(x).to_bits()),
-            KvBuf::Bf16(c) => idx
-                .zip(src)
-                .for_each(|(i, &x)| c[i] = half::bf16::from_f32(x).to_bits()),
+            KvBuf::F32(c) => {
+                for (i, &x) in src.iter().enumerate() {
+                    c[off + i * stride] = x;
+                }
+            }
+            KvBuf::F16(c) => {
+                for (n, run) in src.chunks(RUN).enumerate() {
+                    let h = &mut bits[..run.len()];
+                    h.reinterpret_cast_mut::<half::f16>()
+                        .convert_from_f32_slice(run);
+                    store(c, n * RUN, h);
+                }
+            }
+            KvBuf::Bf16(c) => {
+                for (n, run) in src.chunks(RUN).enumerate() {
+                    let h = &mut bits[..run.len()];
+                    h.reinterpret_cast_mut::<half::bf16>()
+                        .convert_from_f32_slice(run);
+                    store(c, n * RUN, h);
+                }
+            }
         }
     }
 
