@@ -152,13 +152,31 @@ fn apply_penalties(logits: &mut [f32], ctx: &SamplingContext<'_>) {
 }
 
 fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in row.iter().enumerate() {
-        if l > row[best] {
-            best = i;
+    // The first index of the largest value (NaNs never win; a NaN first element wins, as in a
+    // plain scan from it). The maximum is found in 16 independent lanes (vectorised), then
+    // its first position.
+    if row.first().is_none_or(|x| x.is_nan()) {
+        return 0;
+    }
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
         }
     }
-    best as u32
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for (n, c) in row.chunks(16).enumerate() {
+        if c.iter().fold(false, |hit, &x| hit | (x == max)) {
+            let i = c.iter().position(|&x| x == max).unwrap_or(0);
+            return (n * 16 + i) as u32;
+        }
+    }
+    0
 }
 
 /// Samples one token from a row of raw logits (which it may modify in place).
@@ -248,6 +266,36 @@ mod tests {
             output_ids: out,
             stop_ids: &[2],
         }
+    }
+
+    /// The lane-wise argmax is the plain scan's: first index of the maximum, ties, NaNs,
+    /// infinities and lengths around the 16-lane width.
+    #[test]
+    fn argmax_equals_a_plain_scan() {
+        fn scan(row: &[f32]) -> u32 {
+            let mut best = 0;
+            for (i, &l) in row.iter().enumerate() {
+                if l > row[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        }
+        let mut g = Generator::new(3);
+        for len in [1usize, 2, 15, 16, 17, 31, 33, 100, 49152] {
+            for case in 0..20 {
+                let row: Vec<f32> = (0..len)
+                    .map(|_| match g.next_u64() % 23 {
+                        0 if case % 3 == 0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        2 if case % 5 == 0 => f32::INFINITY,
+                        r => (r % 7) as f32, // many ties
+                    })
+                    .collect();
+                assert_eq!(argmax(&row), scan(&row), "len {len} case {case}");
+            }
+        }
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]
