@@ -313,12 +313,11 @@ impl KMatrix {
         assert_eq!(out.len(), acts.m * self.n, "output size");
         let use_isa = want.min(isa());
         let m = acts.m;
-        super::for_each_group(self.n, m, out, |g, store| {
-            let mut tile = [0f32; COLS * 8];
+        super::for_each_group(self.n, m, out, |g, tile, store| {
             let mut r0 = 0;
             while r0 < m {
                 let rows = (m - r0).min(8);
-                self.group_tile(g, acts, r0, rows, &mut tile, use_isa);
+                self.group_tile(g, acts, r0, rows, tile, use_isa);
                 store(r0, rows, &tile[..]);
                 r0 += rows;
             }

@@ -263,7 +263,7 @@ impl QMatrix {
             Isa::Amx if acts.qs_u8.len() == m * self.k => m / 16 * 16,
             _ => 0,
         };
-        for_each_group(self.n, m, out, |g, store| {
+        for_each_group(self.n, m, out, |g, tile, store| {
             #[cfg(target_arch = "x86_64")]
             if amx_rows > 0 {
                 let mut emit = |row0: usize, t: &[f32; COLS * 16]| store(row0, 16, &t[..]);
@@ -273,11 +273,10 @@ impl QMatrix {
                     amx::group_rows(self.qtype, self.group(g), acts, 0, amx_rows / 16, &mut emit)
                 };
             }
-            let mut tile = [0f32; COLS * 8];
             let mut r0 = amx_rows;
             while r0 < m {
                 let rows = (m - r0).min(8);
-                self.group_tile(g, acts, r0, rows, &mut tile, use_isa);
+                self.group_tile(g, acts, r0, rows, tile, use_isa);
                 store(r0, rows, &tile[..]);
                 r0 += rows;
             }
@@ -331,13 +330,14 @@ pub(super) fn stack_parts<F: PartialEq + Copy>(
     Some((format, parts.iter().map(|p| p.1).sum(), k, data))
 }
 
-/// The parallel driver of an `[m, n]` product over column groups: `group(g, store)` computes
-/// the rows of group `g` (any number of rows at a time) and hands each `[rows, 16]` tile to
-/// `store(first_row, rows, tile)`, which copies its existing columns into `out`. Items of a few
+/// The parallel driver of an `[m, n]` product over column groups: `group(g, tile, store)`
+/// computes the rows of group `g` (any number of rows at a time, in the item's scratch
+/// `tile`, zeroed once per item rather than once per group) and hands each `[rows, 16]` tile
+/// to `store(first_row, rows, tile)`, which copies its existing columns into `out`. Items of a few
 /// contiguous groups, 4 per thread (16 for 32 rows or more), are claimed from the global pool.
 pub(super) fn for_each_group<G>(n: usize, m: usize, out: &mut [f32], group: G)
 where
-    G: Fn(usize, &mut dyn FnMut(usize, usize, &[f32])) + Sync,
+    G: Fn(usize, &mut [f32; COLS * 8], &mut dyn FnMut(usize, usize, &[f32])) + Sync,
 {
     let groups = n.div_ceil(COLS);
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -350,6 +350,7 @@ where
         .clamp(1, 64);
     pool::global().run(groups.div_ceil(per), |item| {
         let g0 = item * per;
+        let mut tile = [0f32; COLS * 8];
         for g in g0..(g0 + per).min(groups) {
             let cols = (n - g * COLS).min(COLS);
             let mut store = |row0: usize, rows: usize, tile: &[f32]| {
@@ -371,7 +372,7 @@ where
                     }
                 }
             };
-            group(g, &mut store);
+            group(g, &mut tile, &mut store);
         }
     });
 }
