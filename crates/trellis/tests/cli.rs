@@ -208,3 +208,54 @@ fn memory_that_is_not_there_is_refused_with_both_numbers() {
         ],
     );
 }
+
+/// `trellis bench throughput --enable-lora --lora-modules ...` runs the base model and the
+/// adapters alternately on one engine and reports both rates and their ratio (a report: the
+/// figures are not judged here, only that every pass ran and reported a rate).
+#[test]
+fn bench_throughput_with_lora_modules_reports_base_and_adapters_in_one_run() {
+    let lora = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/lora");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("out.json");
+    let out = trellis()
+        .args([
+            "bench",
+            "throughput",
+            "--num-prompts",
+            "4",
+            "--input-len",
+            "8",
+        ])
+        .args(["--output-len", "3", "--enable-lora", "--max-loras", "2"])
+        .args(["--kv-cache-memory", "64M", "--lora-modules"])
+        .arg(format!("a={}", lora.join("lora-smollm2-r8").display()))
+        .arg(format!("b={}", lora.join("lora-smollm2-r4-qv").display()))
+        .arg("--output-json")
+        .arg(&json)
+        .arg("--model")
+        .arg(default_model())
+        .output()
+        .expect("run trellis");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("LoRA throughput:"), "{stdout}");
+    assert!(stdout.contains("2 adapters (a, b)"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for side in [
+        "base_output_tokens_per_second",
+        "lora_output_tokens_per_second",
+    ] {
+        let rates = v[side].as_array().unwrap_or_else(|| panic!("{side}: {v}"));
+        assert_eq!(rates.len(), 3, "{v}");
+        assert!(
+            rates.iter().all(|r| r.as_f64().is_some_and(|r| r > 0.0)),
+            "{v}"
+        );
+    }
+    assert!(v["ratio"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    assert_eq!(v["adapters"], serde_json::json!(["a", "b"]));
+}
