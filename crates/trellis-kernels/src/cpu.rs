@@ -102,6 +102,22 @@ pub fn isa() -> Isa {
     })
 }
 
+/// Whether the AVX2 level's quantized products use AVX-VNNI (`vpdpbusd` on 256 bits, VEX):
+/// the CPU lists it and `TRELLIS_AVX_VNNI` is not `0` (for comparisons). The results are the
+/// same bits either way.
+pub fn avx_vnni() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avxvnni")
+                && std::env::var("TRELLIS_AVX_VNNI").map_or(true, |v| v != "0")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
 /// CPU features worth printing next to a benchmark (what this process detected).
 pub fn feature_summary() -> String {
     let mut out: Vec<&str> = Vec::new();

@@ -11,8 +11,9 @@ const CHAINS: usize = 12;
 
 /// Measures the int8 multiply-adds per second of all of `pool`'s threads together, running
 /// dependency-free chains of the kernels' dot-product instruction for about `per_thread` on
-/// every thread at once: AVX-512 VNNI `vpdpbusd` (64 MACs), AVX2 `vpmaddubsw` (32 MACs; its
-/// `vpaddw` is counted too, as in the 4-bit kernels). `None` at the scalar level.
+/// every thread at once: AVX-512 VNNI `vpdpbusd` (64 MACs), AVX-VNNI `vpdpbusd` on 256 bits
+/// (32 MACs) where the AVX2 level uses it, else AVX2 `vpmaddubsw` (32 MACs; its `vpaddw` is
+/// counted too, as in the 4-bit kernels). `None` at the scalar level.
 pub fn measure_int8_macs_per_s(pool: &Pool, per_thread: Duration) -> Option<f64> {
     let level = isa();
     if level < Isa::Avx2 {
@@ -42,6 +43,8 @@ fn burst(level: Isa) -> u64 {
     match level {
         // SAFETY: the CPU has AVX-512 VNNI (`isa()` checked at run time).
         Isa::Avx512Vnni | Isa::Amx => return unsafe { x86::vnni(ITERS) } * 64,
+        // SAFETY: the CPU has AVX2 (`isa()` checked at run time) and AVX-VNNI (checked).
+        Isa::Avx2 if crate::cpu::avx_vnni() => return unsafe { x86::avx_vnni(ITERS) } * 32,
         // SAFETY: the CPU has AVX2 (`isa()` checked at run time).
         Isa::Avx2 => return unsafe { x86::maddubs(ITERS) } * 32,
         Isa::Scalar => {}
@@ -67,6 +70,25 @@ mod x86 {
         for _ in 0..iters {
             for c in acc.iter_mut() {
                 *c = _mm512_dpbusd_epi32(*c, a, b);
+            }
+            a = std::hint::black_box(a);
+        }
+        std::hint::black_box(acc);
+        iters * CHAINS as u64
+    }
+
+    /// `iters` rounds of `CHAINS` independent 256-bit `vpdpbusd` (AVX-VNNI); returns the
+    /// instructions run.
+    ///
+    /// # Safety
+    /// AVX2 and AVX-VNNI.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub(super) unsafe fn avx_vnni(iters: u64) -> u64 {
+        let mut acc = [_mm256_setzero_si256(); CHAINS];
+        let (mut a, b) = (_mm256_set1_epi8(3), _mm256_set1_epi8(5));
+        for _ in 0..iters {
+            for c in acc.iter_mut() {
+                *c = _mm256_dpbusd_avx_epi32(*c, a, b);
             }
             a = std::hint::black_box(a);
         }

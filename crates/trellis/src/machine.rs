@@ -150,6 +150,7 @@ impl Machine {
                 format!(
                     "{threads} threads x {} back to back, measured",
                     match trellis_kernels::cpu::isa() {
+                        Isa::Avx2 if trellis_kernels::cpu::avx_vnni() => "vpdpbusd (avx-vnni)",
                         Isa::Avx2 => "vpmaddubsw (avx2)",
                         _ => "vpdpbusd (avx512-vnni)",
                     }

@@ -301,6 +301,12 @@ impl QMatrix {
                 unsafe { x86::tile_avx512(self.qtype, w, acts, r0, rows, tile) }
             }
             #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if crate::cpu::avx_vnni() => {
+                // SAFETY: the CPU has AVX2, FMA and F16C (`isa()` checked at run time) and
+                // AVX-VNNI (`avx_vnni()` checked it).
+                unsafe { x86::tile_avx_vnni(self.qtype, w, acts, r0, rows, tile) }
+            }
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 // SAFETY: the CPU has AVX2, FMA and F16C (`isa()` checked at run time).
                 unsafe { x86::tile_avx2(self.qtype, w, acts, r0, rows, tile) }

@@ -76,6 +76,53 @@ fn every_isa_equals_the_reference_bit_for_bit() {
     }
 }
 
+/// Both AVX2-level tiles, `vpmaddubsw` and AVX-VNNI `vpdpbusd` (whichever `matmul_isa` picks on
+/// this CPU), give the scalar tile's bits for every format and row count.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_tiles_with_and_without_avx_vnni_equal_the_scalar_tile() {
+    use std::arch::is_x86_feature_detected as has;
+    if !(has!("avx2") && has!("fma") && has!("f16c")) {
+        return;
+    }
+    let vnni = has!("avxvnni");
+    let mut rng = Rng(0x0bad_cafe_f00d_0001);
+    for q in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+        for &(n, k) in &[(16usize, 32usize), (16, 576), (32, 1536)] {
+            let raw = random_blocks(q, n, k, &mut rng);
+            let w = QMatrix::from_gguf_blocks(q, n, k, &raw).expect("repack");
+            for m in 1..=8 {
+                let mut x: Vec<f32> = (0..m * k).map(|_| rng.f32() * 4.0).collect();
+                x[m * k - 1] = 1e4;
+                let mut acts = QActs::new();
+                acts.quantize_for(&x, k, Isa::Avx2);
+                for g in 0..n / COLS {
+                    let mut want = [0f32; COLS * 8];
+                    scalar::tile(q, w.group(g), &acts, 0, m, &mut want);
+                    let mut got = [f32::NAN; COLS * 8];
+                    // SAFETY: AVX2, FMA and F16C checked above; `m <= 8` rows exist.
+                    unsafe { x86::tile_avx2(q, w.group(g), &acts, 0, m, &mut got) };
+                    assert_eq!(
+                        bits(&got[..m * COLS]),
+                        bits(&want[..m * COLS]),
+                        "{q:?} maddubs m={m}"
+                    );
+                    if vnni {
+                        let mut got = [f32::NAN; COLS * 8];
+                        // SAFETY: as above, and the CPU lists AVX-VNNI.
+                        unsafe { x86::tile_avx_vnni(q, w.group(g), &acts, 0, m, &mut got) };
+                        assert_eq!(
+                            bits(&got[..m * COLS]),
+                            bits(&want[..m * COLS]),
+                            "{q:?} vnni m={m}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn rows_do_not_depend_on_the_batch() {
     let mut rng = Rng(77);

@@ -213,106 +213,178 @@ unsafe fn tile256<const Q: u8, const R: usize>(
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn half256<const Q: u8, const R: usize>(
+/// [`tile_avx2`] with AVX-VNNI's `vpdpbusd` (256-bit, VEX) for the integer sums: the same
+/// bits (the sums are exact either way), one instruction where AVX2 needs three.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA, F16C and AVX-VNNI; otherwise as [`tile_avx512`].
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub(super) unsafe fn tile_avx_vnni(
+    qtype: QType,
+    w: &[u8],
+    acts: &QActs,
+    r0: usize,
+    rows: usize,
+    tile: &mut [f32; COLS * 8],
+) {
+    debug_assert!(w.len() >= acts.k / QK * qtype.group_block_bytes());
+    dispatch_rows!(tile256_vnni, code(qtype), w, acts, r0, rows, tile)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn tile256_vnni<const Q: u8, const R: usize>(
     w: &[u8],
     acts: &QActs,
     r0: usize,
     tile: &mut [f32; COLS * 8],
-    half: usize,
 ) {
-    let k = acts.k;
-    let kb = k / QK;
-    let (qb, gbb) = match Q {
-        Q4_0 => (256, 288),
-        Q4_1 => (256, 320),
-        _ => (512, 544),
-    };
-    let shift = match Q {
-        Q4_0 => 3,
-        _ => 7,
-    };
-    let mut acc = [_mm256_setzero_ps(); R];
-    let wp = w.as_ptr();
-    let qs = acts.qs.as_ptr();
-    let nib = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let flip = _mm256_set1_epi8(-128);
-    for b in 0..kb {
-        // SAFETY (whole block): as in `tile512`; `32 * half` selects 8 of the 16 lanes.
-        let blk = unsafe { wp.add(b * gbb) };
-        if half == 0 {
-            prefetch_ahead(blk, gbb);
-        }
-        let mut wv = [_mm256_setzero_si256(); 8];
-        if Q == Q8_0 {
-            for (s, v) in wv.iter_mut().enumerate() {
-                let u = unsafe { _mm256_loadu_si256(blk.add(64 * s + 32 * half) as *const _) };
-                // Back to the signed weights for the sign trick (no u8 × i8 overflow).
-                *v = _mm256_xor_si256(u, flip);
-            }
-        } else {
-            for j in 0..4 {
-                let raw = unsafe { _mm256_loadu_si256(blk.add(64 * j + 32 * half) as *const _) };
-                wv[j] = _mm256_and_si256(raw, nib);
-                wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib);
-            }
-        }
-        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk.add(qb + 16 * half) as *const _) });
-        let mw = if Q == Q4_1 {
-            _mm256_cvtph_ps(unsafe { _mm_loadu_si128(blk.add(qb + 32 + 16 * half) as *const _) })
-        } else {
-            _mm256_setzero_ps()
-        };
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            let row = r0 + r;
-            let i = row * kb + b;
-            let a = unsafe { qs.add(row * k + b * QK) };
-            let sum = if Q == Q8_0 {
-                let mut sum = _mm256_setzero_si256();
-                for (s, v) in wv.iter().enumerate() {
-                    let a4 =
-                        _mm256_set1_epi32(unsafe { (a.add(4 * s) as *const i32).read_unaligned() });
-                    // |w| · (a · sign(w)): at most 2 · 128 · 127 per i16, exact.
-                    let p =
-                        _mm256_maddubs_epi16(_mm256_sign_epi8(*v, *v), _mm256_sign_epi8(a4, *v));
-                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
-                }
-                sum
-            } else {
-                // 4-bit: eight i16 partial sums of at most 2 · 15 · 128 each fit in i16.
-                let mut s16 = _mm256_setzero_si256();
-                for (s, v) in wv.iter().enumerate() {
-                    let a4 =
-                        _mm256_set1_epi32(unsafe { (a.add(4 * s) as *const i32).read_unaligned() });
-                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*v, a4));
-                }
-                let sum = _mm256_madd_epi16(s16, ones);
-                if Q == Q4_0 {
-                    _mm256_sub_epi32(
-                        sum,
-                        _mm256_set1_epi32(unsafe { *acts.isum.get_unchecked(i) } << shift),
-                    )
-                } else {
-                    sum
-                }
-            };
-            let da = _mm256_set1_ps(unsafe { *acts.d.get_unchecked(i) });
-            let t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), dw), da);
-            let t = if Q == Q4_1 {
-                let sa = _mm256_set1_ps(unsafe { *acts.s.get_unchecked(i) });
-                _mm256_add_ps(t, _mm256_mul_ps(mw, sa))
-            } else {
-                t
-            };
-            *acc_r = _mm256_add_ps(*acc_r, t);
-        }
-    }
-    for (r, a) in acc.iter().enumerate() {
-        // SAFETY: 8 floats into row r, half `half`, of the 8 × 16 tile.
-        unsafe { _mm256_storeu_ps(tile.as_mut_ptr().add(r * COLS + 8 * half), *a) };
+    for half in 0..2 {
+        // SAFETY: forwarded.
+        unsafe { half256_vnni::<Q, R>(w, acts, r0, tile, half) };
     }
 }
+
+/// One half (8 of the 16 columns) of an AVX2-level tile, defined twice: with `vpmaddubsw` (AVX2)
+/// and with AVX-VNNI's 256-bit `vpdpbusd` for the integer sums. The float epilogue is the same
+/// code, and the integer sums are exact either way, so both give the scalar reference's bits.
+macro_rules! half256_fn {
+    ($name:ident, $features:literal, $vnni:literal) => {
+        #[target_feature(enable = $features)]
+        #[allow(unused_unsafe)]
+        unsafe fn $name<const Q: u8, const R: usize>(
+            w: &[u8],
+            acts: &QActs,
+            r0: usize,
+            tile: &mut [f32; COLS * 8],
+            half: usize,
+        ) {
+            let k = acts.k;
+            let kb = k / QK;
+            let (qb, gbb) = match Q {
+                Q4_0 => (256, 288),
+                Q4_1 => (256, 320),
+                _ => (512, 544),
+            };
+            let shift = match Q {
+                Q4_0 => 3,
+                _ => 7,
+            };
+            let mut acc = [_mm256_setzero_ps(); R];
+            let wp = w.as_ptr();
+            let qs = acts.qs.as_ptr();
+            let nib = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let flip = _mm256_set1_epi8(-128);
+            for b in 0..kb {
+                // SAFETY (whole block): as in `tile512`; `32 * half` selects 8 of the 16 lanes.
+                let blk = unsafe { wp.add(b * gbb) };
+                if half == 0 {
+                    prefetch_ahead(blk, gbb);
+                }
+                let mut wv = [_mm256_setzero_si256(); 8];
+                if Q == Q8_0 {
+                    for (s, v) in wv.iter_mut().enumerate() {
+                        let u =
+                            unsafe { _mm256_loadu_si256(blk.add(64 * s + 32 * half) as *const _) };
+                        // VNNI multiplies the stored u8 (w + 128) and corrects with the activation sum;
+                        // maddubs needs the signed weights back for the sign trick (no u8 × i8 overflow).
+                        *v = if $vnni { u } else { _mm256_xor_si256(u, flip) };
+                    }
+                } else {
+                    for j in 0..4 {
+                        let raw =
+                            unsafe { _mm256_loadu_si256(blk.add(64 * j + 32 * half) as *const _) };
+                        wv[j] = _mm256_and_si256(raw, nib);
+                        wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib);
+                    }
+                }
+                let dw = _mm256_cvtph_ps(unsafe {
+                    _mm_loadu_si128(blk.add(qb + 16 * half) as *const _)
+                });
+                let mw = if Q == Q4_1 {
+                    _mm256_cvtph_ps(unsafe {
+                        _mm_loadu_si128(blk.add(qb + 32 + 16 * half) as *const _)
+                    })
+                } else {
+                    _mm256_setzero_ps()
+                };
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let row = r0 + r;
+                    let i = row * kb + b;
+                    let a = unsafe { qs.add(row * k + b * QK) };
+                    let sum = if $vnni {
+                        // u8 weights × i8 activations, four products per i32 lane (exact), in two
+                        // chains, then the offset of the stored weights taken out (as `tile512`).
+                        let bc = |s: usize| {
+                            _mm256_set1_epi32(unsafe {
+                                (a.add(4 * s) as *const i32).read_unaligned()
+                            })
+                        };
+                        let mut s0 = if Q == Q4_1 {
+                            _mm256_setzero_si256()
+                        } else {
+                            _mm256_set1_epi32(-(unsafe { *acts.isum.get_unchecked(i) } << shift))
+                        };
+                        let mut s1 = _mm256_setzero_si256();
+                        for s in (0..8).step_by(2) {
+                            s0 = unsafe { _mm256_dpbusd_avx_epi32(s0, wv[s], bc(s)) };
+                            s1 = unsafe { _mm256_dpbusd_avx_epi32(s1, wv[s + 1], bc(s + 1)) };
+                        }
+                        _mm256_add_epi32(s0, s1)
+                    } else if Q == Q8_0 {
+                        let mut sum = _mm256_setzero_si256();
+                        for (s, v) in wv.iter().enumerate() {
+                            let a4 = _mm256_set1_epi32(unsafe {
+                                (a.add(4 * s) as *const i32).read_unaligned()
+                            });
+                            // |w| · (a · sign(w)): at most 2 · 128 · 127 per i16, exact.
+                            let p = _mm256_maddubs_epi16(
+                                _mm256_sign_epi8(*v, *v),
+                                _mm256_sign_epi8(a4, *v),
+                            );
+                            sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
+                        }
+                        sum
+                    } else {
+                        // 4-bit: eight i16 partial sums of at most 2 · 15 · 128 each fit in i16.
+                        let mut s16 = _mm256_setzero_si256();
+                        for (s, v) in wv.iter().enumerate() {
+                            let a4 = _mm256_set1_epi32(unsafe {
+                                (a.add(4 * s) as *const i32).read_unaligned()
+                            });
+                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*v, a4));
+                        }
+                        let sum = _mm256_madd_epi16(s16, ones);
+                        if Q == Q4_0 {
+                            _mm256_sub_epi32(
+                                sum,
+                                _mm256_set1_epi32(unsafe { *acts.isum.get_unchecked(i) } << shift),
+                            )
+                        } else {
+                            sum
+                        }
+                    };
+                    let da = _mm256_set1_ps(unsafe { *acts.d.get_unchecked(i) });
+                    let t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), dw), da);
+                    let t = if Q == Q4_1 {
+                        let sa = _mm256_set1_ps(unsafe { *acts.s.get_unchecked(i) });
+                        _mm256_add_ps(t, _mm256_mul_ps(mw, sa))
+                    } else {
+                        t
+                    };
+                    *acc_r = _mm256_add_ps(*acc_r, t);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                // SAFETY: 8 floats into row r, half `half`, of the 8 × 16 tile.
+                unsafe { _mm256_storeu_ps(tile.as_mut_ptr().add(r * COLS + 8 * half), *a) };
+            }
+        }
+    };
+}
+
+half256_fn!(half256, "avx2,fma,f16c", false);
+half256_fn!(half256_vnni, "avx2,fma,f16c,avxvnni", true);
 
 /// [`super::quantize_block`] with AVX-512: the same values bit for bit (`f32::round` is
 /// rounding half away from zero, done here as truncation plus a correction).
