@@ -86,15 +86,13 @@ pub fn throughput(args: ThroughputArgs) -> Result<()> {
     if !loras.is_empty() {
         return lora_throughput(engine, &args, &params, &loras);
     }
-    let pass = run_pass(engine, &prompts, &params, &[], "tp")?;
     let Pass {
         elapsed,
         steps,
-        requests,
+        requests: outputs_len,
         prompt_tokens,
         output_tokens,
-    } = pass;
-    let outputs_len = requests;
+    } = run_pass(engine, &prompts, &params, &[], "tp")?;
     let mut result = serde_json::json!({
         "elapsed_time": elapsed,
         "num_steps": steps,
